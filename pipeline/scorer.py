@@ -45,7 +45,8 @@ class Scorer(abc.ABC):
     output_fields: ClassVar[tuple[pa.Field, ...]]
     resources: Resources = Resources()
     #: True when setup() loads a model: the engine runs it in an actor pool (setup once per actor).
-    #: False for pure functions of the batch: the engine fuses them into Ray Data's read tasks.
+    #: False for pure functions of the batch (setup() is never called): the engine fuses them into
+    #: Ray Data's read tasks.
     stateful: ClassVar[bool] = False
     Options: ClassVar[type[ScorerOptions]] = ScorerOptions
 

@@ -1,0 +1,167 @@
+"""The engine: Ray Data and in-process give the same scores; reruns skip finished shards; a worker
+that dies mid-batch loses no row; a two-node cluster shares the work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.engine import EngineError, load_scored, score_run, score_table, setup_all
+from pipeline.scorer import Resources, Scorer, ScorerError, ScorerOptions
+from pipeline.scorers import build_chain
+from tests.builders import ingest_rows, write_ingest_run
+
+CHEAP = {"size": {}, "phash": {}, "technical": {}}
+
+
+class DieOnceOptions(ScorerOptions):
+    marker: str  # a file: absent -> this worker kills itself on its first batch and leaves the file
+
+
+class DieOnceScorer(Scorer):
+    """A stateful scorer whose first worker process dies hard mid-batch (as an OOM kill would)."""
+
+    name = "die_once"
+    input_columns = (schema.WIDTH,)
+    output_fields = (pa.field("width_doubled", pa.int64()),)
+    resources = Resources(num_cpus=0.5, batch_size=7)
+    stateful = True
+    Options = DieOnceOptions
+
+    def score(self, batch):
+        marker = Path(self.options.marker)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return {"width_doubled": pc.multiply(pc.cast(batch.column(schema.WIDTH), pa.int64()), 2)}
+
+
+class NodeScorer(Scorer):
+    """Records which Ray node scored each row."""
+
+    name = "node"
+    input_columns = (schema.ID,)
+    output_fields = (pa.field("node_id", pa.string()),)
+    resources = Resources(num_cpus=0.5, batch_size=5)
+
+    def score(self, batch):
+        import time
+
+        import ray
+
+        time.sleep(0.05)  # long enough that one node cannot take every task before the other starts
+        return {"node_id": [ray.get_runtime_context().get_node_id()] * batch.num_rows}
+
+
+def test_local_backend_scores_every_row_and_skips_on_rerun(tmp_path):
+    write_ingest_run(tmp_path, n=30, shard_rows=12)
+    stats = score_run(tmp_path, build_chain(CHEAP), backend="local")
+    assert (stats.shards_total, stats.shards_scored, stats.rows_scored) == (3, 3, 30)
+    scored = load_scored(tmp_path)
+    assert scored.num_rows == 30 and pc.count_distinct(scored[schema.ID]).as_py() == 30
+    assert set(scored.column_names) == {schema.ID, schema.ASPECT_RATIO, schema.MIN_SIDE, schema.MEGAPIXELS,
+                                        schema.PHASH, schema.SHARPNESS, schema.CONTRAST}
+    assert pc.min(scored[schema.ASPECT_RATIO]).as_py() >= 1.0
+
+    again = score_run(tmp_path, build_chain(CHEAP), backend="local")
+    assert (again.shards_skipped, again.shards_scored) == (3, 0)
+
+    # A different chain (other options) is different work: every shard is scored again.
+    changed = score_run(tmp_path, build_chain({"size": {}, "technical": {"analysis_size": 128}}), backend="local")
+    assert changed.shards_scored == 3
+    assert schema.PHASH not in load_scored(tmp_path).column_names
+
+
+def test_ray_matches_in_process(tmp_path, local_ray):
+    write_ingest_run(tmp_path, n=40, shard_rows=15)
+    chain = build_chain(CHEAP)
+    stats = score_run(tmp_path, chain, backend="ray")
+    assert (stats.shards_scored, stats.rows_scored) == (3, 40)
+    on_ray = load_scored(tmp_path).sort_by(schema.ID)
+
+    table = pq.read_table(sorted((tmp_path / "ingest").glob("*.parquet")))
+    setup_all(chain)
+    in_process = score_table(table, chain).select(on_ray.column_names).sort_by(schema.ID)
+    assert on_ray.cast(in_process.schema).equals(in_process)
+
+
+def test_rerun_scores_only_missing_shards(tmp_path, local_ray):
+    write_ingest_run(tmp_path, n=30, shard_rows=10)
+    score_run(tmp_path, build_chain(CHEAP), backend="ray")
+    (tmp_path / "score" / "shard-00001.parquet").unlink()  # as if the job died before writing it
+    stats = score_run(tmp_path, build_chain(CHEAP), backend="ray")
+    assert (stats.shards_skipped, stats.shards_scored, stats.rows_scored) == (2, 1, 10)
+    assert load_scored(tmp_path).num_rows == 30
+
+
+def test_worker_death_mid_batch_loses_and_duplicates_nothing(tmp_path, local_ray):
+    write_ingest_run(tmp_path, n=45, shard_rows=20)
+    marker = tmp_path / "died"
+    chain = build_chain({"size": {}}) + [DieOnceScorer(DieOnceOptions(marker=str(marker)))]
+    stats = score_run(tmp_path, chain, backend="ray")
+    assert marker.exists(), "the worker never died: the test proves nothing"
+    assert stats.rows_scored == 45
+    scored = load_scored(tmp_path)
+    assert scored.num_rows == 45 and pc.count_distinct(scored[schema.ID]).as_py() == 45
+    ingested = pq.read_table(sorted((tmp_path / "ingest").glob("*.parquet")), columns=[schema.ID, schema.WIDTH])
+    joined = ingested.join(scored, schema.ID)
+    assert pc.all(pc.equal(joined["width_doubled"], pc.multiply(pc.cast(joined[schema.WIDTH], pa.int64()), 2))).as_py()
+
+
+def test_chain_checks_columns_before_any_work(tmp_path):
+    write_ingest_run(tmp_path, n=5, shard_rows=5)
+
+    class NeedsEmbedding(Scorer):
+        name = "needs_embedding"
+        input_columns = (schema.CLIP_IMAGE_EMBEDDING,)
+        output_fields = (pa.field("x", pa.float32()),)
+
+        def score(self, batch):
+            return {"x": [0.0] * batch.num_rows}
+
+    with pytest.raises(ScorerError, match="clip_image_embedding"):
+        score_run(tmp_path, [NeedsEmbedding()], backend="local")
+    with pytest.raises(EngineError, match="no ingested shards"):
+        score_run(tmp_path / "nothing", build_chain(CHEAP), backend="local")
+
+
+def test_scorer_output_is_checked():
+    class Short(Scorer):
+        name = "short"
+        input_columns = (schema.WIDTH,)
+        output_fields = (pa.field("x", pa.float32()),)
+
+        def score(self, batch):
+            return {"x": [1.0]}
+
+    with pytest.raises(ScorerError, match="returned 1 values"):
+        Short()(ingest_rows(3))
+    empty = score_table(ingest_rows(3).slice(0, 0), build_chain({"size": {}}))
+    assert empty.num_rows == 0 and schema.ASPECT_RATIO in empty.column_names
+
+
+def test_two_node_cluster_spreads_the_work(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        write_ingest_run(tmp_path, n=60, shard_rows=10, row_group_rows=5)
+        stats = score_run(tmp_path, build_chain({"size": {}}) + [NodeScorer()], backend="ray")
+        scored = load_scored(tmp_path)
+        assert stats.rows_scored == 60 and scored.num_rows == 60
+        nodes = set(scored["node_id"].to_pylist())
+        assert nodes == {n["NodeID"] for n in ray.nodes()}, f"work ran on {len(nodes)} of 2 nodes"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
