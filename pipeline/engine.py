@@ -209,12 +209,12 @@ def init_ray(**kwargs) -> None:
 class _ScorerActor:
     """One per actor in a stateful scorer's pool: ``setup()`` once, then batch after batch."""
 
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer = scorer
+    def __init__(self, scorer: Scorer, carry: set[str]) -> None:
+        self.scorer, self.carry = scorer, carry
         scorer.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.scorer(batch)
+        return _trim(self.scorer(batch), self.carry)
 
 
 def _stages(scorers: Sequence[Scorer]) -> list[list[Scorer]]:
@@ -242,16 +242,29 @@ def _pool_size(scorer: Scorer, cluster: dict) -> int:
     return min(size, res.max_workers) if res.max_workers else size
 
 
-def _read_row_groups(items: pa.Table, columns: list[str]) -> pa.Table:
+def _carried_after(later: Sequence[Sequence[Scorer]]) -> set[str]:
+    return {c for stage in later for s in stage for c in s.input_columns}
+
+
+def _trim(batch: pa.Table, carry: set[str] | None) -> pa.Table:
+    """Keep the shard path, ids, every score so far and the inputs of later stages."""
+    if carry is None:
+        return batch
+    inputs = set(schema.INGEST_SCHEMA.names) - {schema.ID}
+    return batch.select([c for c in batch.column_names if c not in inputs or c in carry])
+
+
+def _read_and_score(items: pa.Table, columns: list[str], scorers: Sequence[Scorer], carry) -> pa.Table:
     pieces = []
     for path, row_group in zip(items.column(SHARD_COLUMN).to_pylist(), items.column("row_group").to_pylist()):
         piece = pq.ParquetFile(path).read_row_group(row_group, columns=columns)
-        pieces.append(piece.append_column(SHARD_COLUMN, pa.array([path] * piece.num_rows, pa.string())))
+        piece = piece.append_column(SHARD_COLUMN, pa.array([path] * piece.num_rows, pa.string()))
+        pieces.append(_trim(apply_chain(scorers, piece), carry))
     return pa.concat_tables(pieces)
 
 
-def _chain_fn(batch: pa.Table, scorers: Sequence[Scorer]) -> pa.Table:
-    return apply_chain(scorers, batch)
+def _chain_fn(batch: pa.Table, scorers: Sequence[Scorer], carry) -> pa.Table:
+    return _trim(apply_chain(scorers, batch), carry)
 
 
 def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress) -> None:
@@ -262,21 +275,29 @@ def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     cluster = ray.cluster_resources()
+    stages = _stages(scorers)
+    # Each stage passes on only what later stages read, so thumbnails leave the pipeline as soon as
+    # the last scorer that needs them is done.
+    carried = [_carried_after(stages[i + 1 :]) for i in range(len(stages))]
     # One work item per Parquet row group (ingest writes ~1K-row groups): fine-grained enough to keep
     # every worker busy on small runs, and each item names its shard for the per-shard bookkeeping.
+    # Leading stateless scorers run inside the read task: thumbnails never cross the object store.
     items = [{SHARD_COLUMN: str(p), "row_group": i} for p in pending for i in range(pq.ParquetFile(p).num_row_groups)]
+    first = stages[0] if not stages[0][0].stateful else []
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        functools.partial(_read_row_groups, columns=columns),
+        functools.partial(_read_and_score, columns=columns, scorers=first, carry=carried[0] if first else None),
         batch_format="pyarrow",
         batch_size=1,
-        num_cpus=0.25,
+        num_cpus=max([s.resources.num_cpus for s in first], default=0.25),
     )
-    for stage in _stages(scorers):
+    for index, stage in enumerate(stages):
         head = stage[0]
+        if not head.stateful and index == 0:
+            continue  # already fused into the read
         if head.stateful:
             ds = ds.map_batches(
                 _ScorerActor,
-                fn_constructor_kwargs={"scorer": head},
+                fn_constructor_kwargs={"scorer": head, "carry": carried[index]},
                 batch_format="pyarrow",
                 batch_size=head.resources.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(head, cluster)),
@@ -287,7 +308,7 @@ def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress)
             )
         else:
             ds = ds.map_batches(
-                functools.partial(_chain_fn, scorers=stage),
+                functools.partial(_chain_fn, scorers=stage, carry=carried[index]),
                 batch_format="pyarrow",
                 batch_size=min(s.resources.batch_size for s in stage),
                 num_cpus=max(s.resources.num_cpus for s in stage),
