@@ -1,0 +1,169 @@
+"""The local stack for a newcomer: a Prefect server (127.0.0.1, SQLite), the process serving the
+deployments, the relay that resumes suspended runs, and Label Studio. ``make up`` / ``make down``.
+
+Every process is started in its own session with a PID file under ``.run/`` and stopped by that PID
+(never by name), so tests and the Makefile can start and stop exactly what they started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(os.environ.get("NEEDLES_STATE_DIR", ROOT / ".run"))
+PREFECT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))
+
+
+class StackError(Exception):
+    pass
+
+
+def prefect_env(port: int = PREFECT_PORT, home: Path | None = None) -> dict[str, str]:
+    """The environment every process of the stack shares to reach the same Prefect server."""
+    home = home or STATE / "prefect"
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        # Results are persisted so a resumed (re-executed) flow run finds its finished tasks' results.
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+    }
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    health_url: str | None = None
+    start_timeout_s: float = 120.0
+
+    @property
+    def pidfile(self) -> Path:
+        return STATE / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return STATE / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def start(self, env: dict[str, str]) -> int:
+        if (pid := self.pid()) is not None:
+            return pid
+        STATE.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() ends its children too
+            )
+        self.pidfile.write_text(str(proc.pid))
+        if self.health_url:
+            self._wait_healthy(proc)
+        return proc.pid
+
+    def _wait_healthy(self, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pidfile.unlink(missing_ok=True)
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise StackError(f"{self.name} exited during start (code {proc.returncode}); log tail:\n{tail}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2):
+                    return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise StackError(f"{self.name} did not answer {self.health_url} within {self.start_timeout_s:.0f} s; see {self.log}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.2)
+            _reap(pid)
+        if self.pid() is not None:
+            os.killpg(pid, signal.SIGKILL)
+            _reap(pid)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def prefect_server(port: int = PREFECT_PORT) -> Service:
+    return Service(
+        "prefect-server",
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--analytics-off"],
+        health_url=f"http://127.0.0.1:{port}/api/health",
+    )
+
+
+def serve_process() -> Service:
+    return Service("prefect-serve", [sys.executable, "-m", "flows", "serve"])
+
+
+def relay_process() -> Service:
+    return Service("round-relay", [sys.executable, "-m", "flows", "relay"])
+
+
+def labelstudio(action: str) -> None:
+    script = ROOT / "annotation" / "labelstudio" / f"{action}.sh"
+    subprocess.run([str(script)], check=True, cwd=ROOT)
+
+
+def up(with_labelstudio: bool = True) -> None:
+    env = prefect_env()
+    prefect_server().start(env)
+    serve_process().start(env)
+    relay_process().start(env)
+    if with_labelstudio:
+        labelstudio("install")
+        if not (STATE / "labelstudio" / "labelstudio.pid").exists():
+            labelstudio("start")
+    print(f"Prefect UI: http://127.0.0.1:{PREFECT_PORT}   (export PREFECT_API_URL={env['PREFECT_API_URL']})")
+    print("Label Studio: http://127.0.0.1:8080")
+
+
+def down() -> None:
+    for service in (relay_process(), serve_process(), prefect_server()):
+        service.stop()
+    labelstudio("stop")
