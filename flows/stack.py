@@ -48,14 +48,15 @@ class Service:
     argv: list[str]
     health_url: str | None = None
     start_timeout_s: float = 120.0
+    state_dir: Path = STATE
 
     @property
     def pidfile(self) -> Path:
-        return STATE / f"{self.name}.pid"
+        return self.state_dir / f"{self.name}.pid"
 
     @property
     def log(self) -> Path:
-        return STATE / f"{self.name}.log"
+        return self.state_dir / f"{self.name}.log"
 
     def pid(self) -> int | None:
         try:
@@ -71,7 +72,7 @@ class Service:
     def start(self, env: dict[str, str]) -> int:
         if (pid := self.pid()) is not None:
             return pid
-        STATE.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(
                 self.argv,
@@ -128,21 +129,22 @@ def _reap(pid: int) -> None:
         pass
 
 
-def prefect_server(port: int = PREFECT_PORT) -> Service:
+def prefect_server(port: int = PREFECT_PORT, state_dir: Path = STATE) -> Service:
     return Service(
         "prefect-server",
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
          "--analytics-off"],
         health_url=f"http://127.0.0.1:{port}/api/health",
+        state_dir=state_dir,
     )
 
 
-def serve_process() -> Service:
-    return Service("prefect-serve", [sys.executable, "-m", "flows", "serve"])
+def serve_process(state_dir: Path = STATE) -> Service:
+    return Service("prefect-serve", [sys.executable, "-m", "flows", "serve"], state_dir=state_dir)
 
 
-def relay_process() -> Service:
-    return Service("round-relay", [sys.executable, "-m", "flows", "relay"])
+def relay_process(state_dir: Path = STATE) -> Service:
+    return Service("round-relay", [sys.executable, "-m", "flows", "relay"], state_dir=state_dir)
 
 
 def labelstudio(action: str) -> None:
@@ -163,7 +165,8 @@ def up(with_labelstudio: bool = True) -> None:
     print("Label Studio: http://127.0.0.1:8080")
 
 
-def down() -> None:
+def down(with_labelstudio: bool = True) -> None:
     for service in (relay_process(), serve_process(), prefect_server()):
         service.stop()
-    labelstudio("stop")
+    if with_labelstudio:
+        labelstudio("stop")

@@ -11,6 +11,8 @@ _USER_ERRORS = [
     ("pipeline.config", "ConfigError"),
     ("pipeline.ingest", "IngestError"),
     ("pipeline.weights", "WeightsError"),
+    ("pipeline.select", "SelectError"),
+    ("pipeline.report", "ReportError"),
 ]
 
 

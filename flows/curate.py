@@ -1,0 +1,269 @@
+"""Flow ``curate`` (deployment ``quality-set``): ingest -> automatic filters (Ray) -> pool -> generalist
+round -> specialist round -> curated set -> optionally the train-qt flow.
+
+The flow holds no logic of its own: each task calls one function of pipeline/, annotation/ or model/ with
+paths. Stage tasks are cached on their inputs (config section + input files, flows/caching.py) with
+persisted results, so a rerun after a crash or a config change redoes only what changed; inside a stage
+the work is resumable too (scoring skips finished shards).
+
+While a round is open the run *suspends* (no worker held); the relay (flows/relay.py) resumes it when
+Label Studio reports every task done, and the run re-executes from the top with every finished stage
+answered from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+
+from flows.caching import stage_key
+from flows.params import CurateParams
+
+log = logging.getLogger(__name__)
+
+WAITING_FILE = "waiting.json"  # RUN/annotation/<round>/waiting.json: which flow run waits on the round
+
+
+def _config(config: str | None, pool_size: int | None = None):
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    if pool_size is not None:
+        cfg = cfg.model_copy(update={"balance": cfg.balance.model_copy(update={"target_size": pool_size})})
+    return cfg
+
+
+def _present(path: Path) -> bool:
+    return path.exists() and any(path.iterdir()) if path.is_dir() else path.exists()
+
+
+def _as_dict(result: Any) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return json.loads(json.dumps(asdict(result) if is_dataclass(result) else result, default=str))
+
+
+# --- the automatic stages -------------------------------------------------------------------
+
+
+def _ingest_key(ctx, p) -> str:
+    from pipeline.layout import RunLayout
+
+    cfg = _config(p["config"])
+    return stage_key("ingest", cfg.ingest.model_dump(), p["sources"], _present(RunLayout(p["run_dir"]).ingest))
+
+
+@task(name="ingest", cache_key_fn=_ingest_key, persist_result=True, retries=1)
+def ingest_stage(sources: list[str], run_dir: str, config: str | None) -> dict:
+    from pipeline.ingest import ingest
+
+    cfg = _config(config)
+    stats = ingest(sources, Path(run_dir), shard_rows=cfg.ingest.shard_rows, thumbnail_size=cfg.ingest.thumbnail_size)
+    return _as_dict(stats)
+
+
+def _score_key(ctx, p) -> str:
+    from pipeline.layout import RunLayout
+
+    layout = RunLayout(p["run_dir"])
+    return stage_key("score", _config(p["config"]).scorers, [layout.ingest], _present(layout.score))
+
+
+@task(name="score", cache_key_fn=_score_key, persist_result=True)
+def score_stage(run_dir: str, config: str | None, backend: str = "ray") -> dict:
+    from pipeline.engine import score_run
+    from pipeline.scorers import build_chain
+
+    return _as_dict(score_run(Path(run_dir), build_chain(_config(config).scorers), backend=backend))
+
+
+def _select_key(ctx, p) -> str:
+    from pipeline.layout import RunLayout
+
+    layout = RunLayout(p["run_dir"])
+    cfg = _config(p["config"], p["pool_size"])
+    section = {"filters": cfg.filters.model_dump(), "balance": cfg.balance.model_dump()}
+    return stage_key("select", section, [layout.ingest, layout.score], _present(layout.pool))
+
+
+@task(name="select", cache_key_fn=_select_key, persist_result=True)
+def select_stage(run_dir: str, config: str | None, pool_size: int | None) -> dict:
+    from pipeline.select import run_select
+
+    return _as_dict(run_select(Path(run_dir), _config(config, pool_size)))
+
+
+@task(name="report", persist_result=True)
+def report_stage(run_dir: str, config: str | None, pool_size: int | None) -> str:
+    from pipeline.report import build_report, funnel, funnel_markdown
+
+    html = build_report(Path(run_dir), _config(config, pool_size))
+    rows = funnel(Path(run_dir))
+    create_markdown_artifact(funnel_markdown(rows), key="funnel", description="rows in = kept + dropped + quarantined")
+    create_link_artifact(html.resolve().as_uri(), link_text="selection report (funnel, histograms, contact sheets)", key="selection-report")
+    return str(html)
+
+
+# --- the human rounds -------------------------------------------------------------------------
+
+
+def _round(name: str, target: int):
+    from annotation.rounds import get_round
+
+    return get_round(name, target_size=target)
+
+
+def _settings():
+    from annotation.client import LabelStudioSettings
+
+    return LabelStudioSettings.from_env()
+
+
+def _push_key(ctx, p) -> str:
+    return stage_key(f"push-{p['round_name']}", [p["campaign"], p["target"]], [p["pool"]], True)
+
+
+@task(name="push-round", cache_key_fn=_push_key, persist_result=True, retries=2, retry_delay_seconds=10)
+def push_stage(pool: str, round_name: str, target: int, campaign: str, work: str) -> dict:
+    from annotation.curation import push_round
+
+    return _as_dict(push_round(Path(pool), _round(round_name, target), campaign, Path(work), _settings()))
+
+
+@task(name="simulated-annotators", retries=2, retry_delay_seconds=10)
+def simulate_stage(round_name: str, target: int, campaign: str, keep_fraction: float) -> dict:
+    """DEMO/TEST MODE: scripted annotators answer every open task by a fixed rule (annotation/simulated.py)."""
+    from annotation.client import LabelStudioClient
+    from annotation.simulated import SimulatedAnnotator, hash_rule
+
+    round_ = _round(round_name, target)
+    admin = LabelStudioClient(_settings())
+    done = {}
+    for i in range(round_.overlap):
+        email = f"simulated-{i + 1}@needles.local"
+        annotator = SimulatedAnnotator(email, f"simulated-password-{i + 1}", hash_rule(round_, email, keep_fraction))
+        done[email] = annotator.annotate(admin, round_, campaign)
+    return done
+
+
+@task(name="round-status", retries=2, retry_delay_seconds=10)
+def status_stage(round_name: str, target: int, campaign: str) -> dict:
+    from annotation.curation import round_status
+
+    status = round_status(_round(round_name, target), campaign, _settings())
+    return {**status.to_dict(), "complete": status.complete, "remaining": status.remaining}
+
+
+@task(name="pull-and-decide", retries=2, retry_delay_seconds=10)
+def pull_stage(pool: str, round_name: str, target: int, campaign: str, work: str) -> str:
+    from annotation.curation import decide_round, pull_round
+
+    round_ = _round(round_name, target)
+    pull_round(round_, campaign, Path(work), _settings())
+    next_pool = decide_round(round_, Path(pool), Path(work))
+    summary = json.loads((Path(work) / round_name / "summary.json").read_text())
+    create_markdown_artifact(
+        f"## {round_name} round\n\n```json\n{json.dumps(summary, indent=2, default=str)[:20000]}\n```",
+        key=f"{round_name}-round",
+        description="counts, shortfall, agreement and gold accuracy",
+    )
+    return str(next_pool)
+
+
+def human_round(round_name: str, pool: str, params: CurateParams, campaign: str, work: Path) -> str:
+    """Push the pool, wait for people (suspended), then pull, decide and return the next round's pool."""
+    from prefect.flow_runs import suspend_flow_run
+
+    target = params.generalist_target if round_name == "generalist" else params.specialist_target
+    push_stage(pool, round_name, target, campaign, str(work))
+    if params.annotator_mode == "simulated":
+        # recall round: each simulated annotator keeps ~half; precision round: most of what reaches it
+        simulate_stage(round_name, target, campaign, 0.5 if round_name == "generalist" else 0.8)
+    status = status_stage(round_name, target, campaign)
+    if not status["complete"]:
+        ctx = get_run_context()
+        waiting = work / round_name / WAITING_FILE
+        waiting.parent.mkdir(parents=True, exist_ok=True)
+        waiting.write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), "round": round_name, "target": target,
+                                       "campaign": campaign}))
+        create_table_artifact(
+            [{"round": round_name, "tasks": status.get("tasks"), "remaining": status["remaining"]}],
+            key=f"{round_name}-progress",
+            description=f"{round_name} round open: waiting for annotators in Label Studio",
+        )
+        get_run_logger().info("%s round: %s tasks remain; suspending until the round completes",
+                              round_name, status["remaining"])
+        if ctx.flow_run.deployment_id is None:
+            # Not a deployment run (e.g. called in-process): nothing could re-execute a suspended run,
+            # so wait here instead (polling + webhook), holding this process.
+            from annotation.curation import wait_for_round
+
+            wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s)
+        else:
+            suspend_flow_run(timeout=params.round_timeout_s, key=f"round-{round_name}")
+    return pull_stage(pool, round_name, target, campaign, str(work))
+
+
+@task(name="export-curated", persist_result=True)
+def export_stage(pool: str, work: str) -> str:
+    from annotation.export import export_curated
+    from annotation.layout import curated_dir
+
+    out = export_curated(Path(pool), curated_dir(Path(work)))
+    create_link_artifact(Path(out).resolve().as_uri(), link_text="curated set (Parquet + imagefolder)", key="curated-set")
+    return str(out)
+
+
+def campaign_name(run_dir: str) -> str:
+    """Label Studio project titles for this run: one campaign per run directory."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", Path(run_dir).resolve().name.lower()).strip("-") or "curate"
+
+
+@flow(name="curate", log_prints=True, persist_result=True)
+def curate(
+    sources: list[str],
+    run_dir: str = "data/runs/quality-set",
+    config: str | None = None,
+    pool_size: int | None = None,
+    generalist_target: int = 20_000,
+    specialist_target: int = 2_000,
+    annotator_mode: str = "people",
+    round_timeout_s: int = 7 * 24 * 3600,
+    train: bool = False,
+    preset: str = "tiny",
+    backend: str = "ray",
+) -> dict:
+    """Curate a quality-tuning set from ``sources`` (see flows/params.py for every parameter)."""
+    params = CurateParams(
+        sources=sources, run_dir=run_dir, config=config, pool_size=pool_size, generalist_target=generalist_target,
+        specialist_target=specialist_target, annotator_mode=annotator_mode, round_timeout_s=round_timeout_s,
+        train=train, preset=preset,
+    )
+    from pipeline.layout import RunLayout
+
+    layout = RunLayout(params.run_dir)
+    ingest_stage(params.sources, params.run_dir, params.config)
+    score_stage(params.run_dir, params.config, backend)
+    select_stage(params.run_dir, params.config, params.pool_size)
+    report = report_stage(params.run_dir, params.config, params.pool_size)
+
+    work = layout.root / "annotation"
+    campaign = campaign_name(params.run_dir)
+    generalist_pool = human_round("generalist", str(layout.pool), params, campaign, work)
+    specialist_pool = human_round("specialist", generalist_pool, params, campaign, work)
+    curated = export_stage(specialist_pool, str(work))
+    result = {"report": report, "curated": curated, "pool": str(layout.pool)}
+    if params.train:
+        from flows.train import train_qt
+
+        result["training"] = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset)
+    print(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,38 @@
+"""Flow ``train-qt`` (deployment ``train-qt``): quality-tune the model on a curated set (pretraining
+first when no base checkpoint exists), wrapping model.train.train_quality_tuned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+
+from flows.params import TrainParams
+
+DATA = Path("data")
+
+
+def latest_curated(root: Path = DATA) -> Path:
+    """The newest curated set under ``root`` (``.../annotation/curated`` written by the curate flow)."""
+    candidates = [p.parent for p in root.glob("**/curated/metadata.jsonl")]
+    if not candidates:
+        raise FileNotFoundError(
+            f"no curated set under {root}/ (run the curate flow or `make demo` first, or pass data_dir)"
+        )
+    return max(candidates, key=lambda p: (p / "metadata.jsonl").stat().st_mtime)
+
+
+@flow(name="train-qt", log_prints=True)
+def train_qt(data_dir: str | None = None, out_dir: str = "data/train-qt", preset: str = "tiny") -> dict:
+    params = TrainParams(data_dir=data_dir, out_dir=out_dir, preset=preset)
+    from model.train import train_quality_tuned
+
+    data = Path(params.data_dir) if params.data_dir else latest_curated()
+    result = train_quality_tuned(data, Path(params.out_dir), params.preset, progress=False)
+    create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline", key="checkpoint")
+    summary = {"data": str(data), "checkpoint": str(result.checkpoint), "grids": [str(g) for g in result.grids]}
+    print(f"checkpoint: {result.checkpoint}")
+    for grid in result.grids:
+        print(f"sample grid: {grid}")
+    return summary

@@ -1,0 +1,232 @@
+"""The typed training config. Presets live in ``model/presets/{tiny,mid,sd15}.yaml``; any field can be
+overridden with dotted ``key=value`` pairs (``quality_tune.max_steps=500``). Unknown keys are rejected,
+so a typo fails at load time instead of silently training with a default.
+
+One config describes the whole model (autoencoder, text encoder, UNet, noise schedule) and both
+training stages: ``pretrain`` (progressive-resolution stages on the pool) and ``quality_tune`` (Emu's
+recipe on the curated set). The config is saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoencoderConfig(_Strict):
+    """Where latents come from. ``kind``:
+
+    - ``pretrained``: a diffusers autoencoder (AutoencoderKL or AutoencoderTiny) by path or hub name;
+    - ``taesd``: a TAESD-family tiny autoencoder from its two original ``.pth`` files (e.g. TAEF2,
+      32 latent channels), mapped into diffusers' AutoencoderTiny;
+    - ``kl``: an AutoencoderKL trained by this stage (Emu §3.1: 4/8/16 latent channels, optional Fourier
+      feature input lifting and adversarial loss); trained once into ``path`` (default
+      ``OUT/autoencoder``) when that holds no weights yet.
+    """
+
+    kind: Literal["pretrained", "taesd", "kl"] = "kl"
+    path: str | None = None
+    subfolder: str | None = None
+    encoder_path: str | None = None
+    decoder_path: str | None = None
+    # kl: architecture and its own short training run
+    latent_channels: int = 4
+    block_out_channels: list[int] = [32, 64, 64, 64]
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    fourier_frequencies: int = 0  # 0 = plain RGB input; n lifts RGB to 3 + 6n channels (Emu §3.1)
+    adversarial_weight: float = 0.0  # 0 = no discriminator
+    kl_weight: float = 1e-6
+    train_steps: int = 200
+    train_batch_size: int = 8
+    train_resolution: int = 64
+    learning_rate: float = 2e-4
+    # latents are multiplied by this before diffusion; null = 1/std of the first cached latents
+    scaling_factor: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoencoderConfig":
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("autoencoder.kind=pretrained needs autoencoder.path (a diffusers VAE path or name)")
+        if self.kind == "taesd" and not (self.encoder_path and self.decoder_path):
+            raise ValueError("autoencoder.kind=taesd needs autoencoder.encoder_path and autoencoder.decoder_path")
+        return self
+
+
+class TextEncoderConfig(_Strict):
+    """Frozen CLIP text encoder. ``path`` = a transformers CLIPTextModel + CLIPTokenizer path or name (e.g.
+    ``openai/clip-vit-large-patch14``). ``path: null`` builds a TINY RANDOMLY-INITIALISED encoder from the
+    ``tiny_*`` fields, for CPU tests and smoke runs only: its embeddings carry no meaning."""
+
+    path: str | None = None
+    max_length: int = 77
+    tiny_hidden_size: int = 32
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+
+
+class UNetConfig(_Strict):
+    """UNet2DConditionModel's architecture (in/out channels follow the autoencoder; cross-attention width
+    follows the text encoder)."""
+
+    block_out_channels: list[int] = [32, 64]
+    layers_per_block: int = 1
+    down_block_types: list[str] = ["CrossAttnDownBlock2D", "DownBlock2D"]
+    up_block_types: list[str] = ["UpBlock2D", "CrossAttnUpBlock2D"]
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+
+class DiffusionConfig(_Strict):
+    """The noise schedule: ``scaled_linear`` (SD), ``zero_snr`` (scaled_linear rescaled to zero terminal
+    SNR; needs v-prediction, since ε is unidentifiable from pure noise), or ``edm`` (Playground v2.5)."""
+
+    schedule: Literal["scaled_linear", "zero_snr", "edm"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    min_snr_gamma: float | None = 5.0  # null = unweighted
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiffusionConfig":
+        if self.schedule == "zero_snr" and self.prediction_type != "v_prediction":
+            raise ValueError("diffusion.schedule=zero_snr needs prediction_type=v_prediction: at the last step "
+                             "z_T is pure noise, so predicting ε is trivial and carries no signal")
+        if self.schedule == "edm" and self.prediction_type != "epsilon":
+            raise ValueError("diffusion.schedule=edm trains F with EDM preconditioning; use prediction_type=epsilon "
+                             "(what diffusers' EDMEulerScheduler calls it)")
+        return self
+
+
+class StageConfig(_Strict):
+    """One run of the training loop (a pre-training resolution stage, or quality-tuning)."""
+
+    name: str
+    resolution: int  # bucket base side in pixels (each bucket has about resolution² pixels)
+    max_steps: int  # optimizer steps
+    batch_size: int = 64  # effective batch = batch_size; micro-batches of micro_batch_size accumulate
+    micro_batch_size: int | None = None  # null = batch_size (no accumulation)
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    noise_offset: float = 0.0
+    pixel_loss_weight: float = 0.0  # λ of PS eq. 3; 0 = latent loss only
+    caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
+    ema_decay: float | None = 0.9999  # null = no EMA
+    grad_clip: float | None = 1.0
+    val_fraction: float = 0.05  # held-out share for the validation loss (at least one image)
+    eval_every: int = 500
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping; null = off
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    min_images: int = 8
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.batch_size % self.micro_batch:
+            raise ValueError(f"stage {self.name}: batch_size {self.batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch}")
+        if self.resolution % 64:
+            raise ValueError(f"stage {self.name}: resolution {self.resolution} must be a multiple of 64")
+        return self
+
+
+class DataConfig(_Strict):
+    missing_captions: Literal["skip", "error"] = "skip"  # skip = drop the row and count it in the report
+    # aspect ratios (w/h) of the buckets; every bucket has about resolution² pixels, sides multiples of 64
+    bucket_aspect_ratios: list[float] = [1.0, 0.75, 1.333, 0.5625, 1.778]
+
+
+class SampleConfig(_Strict):
+    prompts: list[str] = [
+        "a photo of a red fox in the snow",
+        "a bowl of ripe oranges on a wooden table",
+        "a lighthouse on a cliff at sunset",
+        "a portrait of an old fisherman, soft window light",
+    ]
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
+class Config(_Strict):
+    preset: str = "custom"
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+    pretrain: list[StageConfig] = Field(default_factory=list)
+    quality_tune: StageConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def model_hash(self) -> str:
+        """Hash of what fixes the latent space and text embeddings (cache key for cached latents)."""
+        key = {"autoencoder": self.autoencoder.model_dump(mode="json"),
+               "text_encoder": self.text_encoder.model_dump(mode="json"), "seed": self.seed}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_config(preset_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A preset name (``tiny``, ``mid``, ``sd15``) or a YAML path, then ``key=value`` overrides (values
+    parsed as YAML, so ``quality_tune.ema_decay=null`` and ``unet.block_out_channels=[32,64]`` work)."""
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{preset_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config {preset_or_path!r}: not a file and not a preset ({known})")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(value))
+    return Config.model_validate(data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value

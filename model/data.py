@@ -1,0 +1,300 @@
+"""Training data: captioned images in, cached latents + text embeddings out, batches by balanced
+aspect-ratio bucket.
+
+Inputs (the curated set or the pool):
+- an imagefolder: ``metadata.jsonl`` with ``file_name`` (relative to the folder) and ``text``;
+- Parquet (one file or a folder of ``*.parquet`` shards) with pipeline/schema.py's columns: ``image``
+  (bytes) or ``image_path``, and ``caption``.
+
+Every image goes to the aspect-ratio bucket nearest its own (Playground v2.5 §3.2), is resized to cover
+the bucket and centre-cropped, encoded once by the autoencoder, and its caption once by the text
+encoder; both are written to disk as ``.npy`` (memory-mapped on read) so a 200K-image pool does not need
+to fit in RAM. The sampler then draws every bucket equally often, not in proportion to its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import schema
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The training data cannot be used as given (too few images, missing captions under ``error``)."""
+
+
+@dataclass
+class CaptionedImage:
+    key: str  # file name / shard:row, for reports
+    caption: str
+    load: Callable[[], Image.Image] = field(repr=False)
+
+
+@dataclass
+class ReadReport:
+    rows: int = 0
+    usable: int = 0
+    missing_caption: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "usable": self.usable, "missing_caption": len(self.missing_caption),
+                "missing_caption_keys": self.missing_caption[:50], "unreadable": self.unreadable}
+
+
+def read_captioned(path: str | Path, missing_captions: str = "skip") -> tuple[list[CaptionedImage], ReadReport]:
+    """Rows of an imagefolder or Parquet set. A row with an empty/null caption is skipped and counted
+    (``missing_captions="skip"``) or rejected with the offending keys (``"error"``)."""
+    path = Path(path)
+    if (path / "metadata.jsonl").is_file():
+        rows = _imagefolder_rows(path)
+    elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+        rows = _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: neither an imagefolder (metadata.jsonl) nor Parquet (*.parquet)")
+    report = ReadReport()
+    items = []
+    for key, caption, load in rows:
+        report.rows += 1
+        if caption is None or not str(caption).strip():
+            report.missing_caption.append(key)
+            continue
+        items.append(CaptionedImage(key, str(caption).strip(), load))
+    if report.missing_caption and missing_captions == "error":
+        raise DataError(f"{path}: {len(report.missing_caption)} of {report.rows} rows have no caption "
+                        f"(first: {report.missing_caption[:5]}); set data.missing_captions=skip to drop them")
+    if report.missing_caption:
+        log.warning("%s: skipped %d rows with no caption", path, len(report.missing_caption))
+    report.usable = len(items)
+    return items, report
+
+
+def _imagefolder_rows(root: Path):
+    for line_no, line in enumerate((root / "metadata.jsonl").read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "file_name" not in row:
+            raise DataError(f"{root}/metadata.jsonl line {line_no}: no file_name")
+        file = root / row["file_name"]
+        yield row["file_name"], row.get("text"), (lambda f=file: Image.open(f))
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    for file in files:
+        table = pq.read_table(file)
+        names = set(table.column_names)
+        if schema.CAPTION not in names or not names & {schema.IMAGE, schema.IMAGE_PATH}:
+            raise DataError(f"{file}: needs a {schema.CAPTION!r} column and {schema.IMAGE!r} or {schema.IMAGE_PATH!r}")
+        images = table.column(schema.IMAGE).to_pylist() if schema.IMAGE in names else [None] * table.num_rows
+        paths = table.column(schema.IMAGE_PATH).to_pylist() if schema.IMAGE_PATH in names else [None] * table.num_rows
+        captions = table.column(schema.CAPTION).to_pylist()
+        ids = table.column(schema.ID).to_pylist() if schema.ID in names else [None] * table.num_rows
+        for i, (data, image_path, caption, row_id) in enumerate(zip(images, paths, captions, ids)):
+            key = row_id or f"{file.name}:{i}"
+            if data is not None:
+                yield key, caption, (lambda d=data: Image.open(io.BytesIO(d)))
+            else:
+                yield key, caption, (lambda p=image_path: Image.open(p))
+
+
+# --- aspect-ratio buckets -------------------------------------------------------------------------
+
+
+def make_buckets(resolution: int, aspect_ratios: list[float]) -> list[tuple[int, int]]:
+    """(height, width) per aspect ratio w/h, sides multiples of 64, area about resolution²."""
+    buckets = set()
+    for ratio in aspect_ratios:
+        w = max(64, round(resolution * math.sqrt(ratio) / 64) * 64)
+        h = max(64, round(resolution / math.sqrt(ratio) / 64) * 64)
+        buckets.add((h, w))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is nearest in log space (so 2:1 and 1:2 are equally far
+    from 1:1)."""
+    target = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - target))
+
+
+def assign_buckets(sizes: list[tuple[int, int]], buckets: list[tuple[int, int]], min_per_bucket: int) -> list[int]:
+    """Bucket index per (width, height). A bucket with fewer than ``min_per_bucket`` images is folded
+    into its nearest neighbour: balanced sampling would otherwise show its few images as often as a
+    full bucket's many, and overfit them."""
+    assignment = [nearest_bucket(w, h, buckets) for w, h in sizes]
+    alive = set(assignment)
+    while len(alive) > 1:
+        counts = {b: assignment.count(b) for b in alive}
+        small = min(alive, key=lambda b: counts[b])
+        if counts[small] >= min_per_bucket:
+            break
+        alive.discard(small)
+        ratio = math.log(buckets[small][1] / buckets[small][0])
+        into = min(alive, key=lambda b: abs(math.log(buckets[b][1] / buckets[b][0]) - ratio))
+        assignment = [into if a == small else a for a in assignment]
+    return assignment
+
+
+def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover the bucket, centre-crop, -> (3, H, W) in [-1, 1]."""
+    h, w = bucket
+    image = image.convert("RGB")
+    scale = max(w / image.width, h / image.height)
+    size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - w) // 2, (size[1] - h) // 2
+    image = image.crop((left, top, left + w, top + h))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+def build_cache(items: list[CaptionedImage], cache_dir: Path, resolution: int, aspect_ratios: list[float],
+                encode_images: Callable[[torch.Tensor], torch.Tensor],
+                encode_text: Callable[[list[str]], torch.Tensor], fingerprint: str, min_per_bucket: int,
+                batch_size: int = 16, report: ReadReport | None = None) -> "LatentCache":
+    """Encode every image and caption once into ``cache_dir``; reuse it when ``complete.json`` shows the
+    same fingerprint (models + data + resolution). Images that fail to decode are recorded in the
+    report as unreadable with the error, never silently dropped."""
+    from tqdm import tqdm
+
+    keys_hash = hashlib.sha256("\n".join(f"{i.key}\t{i.caption}" for i in items).encode()).hexdigest()[:12]
+    fingerprint = f"{fingerprint}-{resolution}-{keys_hash}"
+    marker = cache_dir / "complete.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return LatentCache(cache_dir)
+    report = report or ReadReport(rows=len(items), usable=len(items))
+
+    sizes, readable = [], []
+    for item in items:
+        try:
+            with item.load() as im:
+                im.load()  # decode fully now: a truncated file must fail here, not mid-cache
+                sizes.append(im.size)
+            readable.append(item)
+        except Exception as e:  # any decoder error makes the row unusable; keep the reason
+            report.unreadable[item.key] = f"{type(e).__name__}: {e}"
+    report.usable = len(readable)
+    buckets = make_buckets(resolution, aspect_ratios)
+    assignment = assign_buckets(sizes, buckets, min_per_bucket) if readable else []
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"fingerprint": fingerprint, "resolution": resolution, "buckets": [], "report": None}
+    latent_sq_sum, latent_count = 0.0, 0
+    for b in sorted(set(assignment)):
+        members = [it for it, a in zip(readable, assignment) if a == b]
+        name = f"bucket-{buckets[b][0]}x{buckets[b][1]}"
+        lat_chunks, txt_chunks = [], []
+        for start in tqdm(range(0, len(members), batch_size), desc=f"caching {name}", leave=False):
+            chunk = members[start:start + batch_size]
+            pixels = torch.stack([crop_to_bucket(it.load(), buckets[b]) for it in chunk])
+            latents = encode_images(pixels).float()
+            latent_sq_sum += float(latents.pow(2).sum())
+            latent_count += latents.numel()
+            lat_chunks.append(latents.half().numpy())
+            txt_chunks.append(encode_text([it.caption for it in chunk]).half().numpy())
+        (cache_dir / name).mkdir(exist_ok=True)
+        np.save(cache_dir / name / "latents.npy", np.concatenate(lat_chunks))
+        np.save(cache_dir / name / "text.npy", np.concatenate(txt_chunks))
+        (cache_dir / name / "keys.json").write_text(json.dumps([it.key for it in members]))
+        meta["buckets"].append({"name": name, "size": list(buckets[b]), "count": len(members)})
+    np.save(cache_dir / "empty_text.npy", encode_text([""]).half().numpy()[0])
+    meta["latent_rms"] = math.sqrt(latent_sq_sum / latent_count) if latent_count else None
+    meta["report"] = report.to_dict()
+    marker.write_text(json.dumps(meta, indent=1))
+    return LatentCache(cache_dir)
+
+
+class LatentCache:
+    """Read side of the cache: per bucket, memory-mapped latents (N, C, h, w) and text (N, L, D)."""
+
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir)
+        self.meta = json.loads((self.dir / "complete.json").read_text())
+        self.buckets = [b["name"] for b in self.meta["buckets"]]
+        self.latents = [np.load(self.dir / n / "latents.npy", mmap_mode="r") for n in self.buckets]
+        self.text = [np.load(self.dir / n / "text.npy", mmap_mode="r") for n in self.buckets]
+        self.empty_text = torch.from_numpy(np.load(self.dir / "empty_text.npy").astype(np.float32))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(x) for x in self.latents]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def gather(self, bucket: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices)
+        return (torch.from_numpy(self.latents[bucket][idx].astype(np.float32)),
+                torch.from_numpy(self.text[bucket][idx].astype(np.float32)))
+
+
+def split_validation(sizes: list[int], val_fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Held-out indices per bucket (at least one image overall, never a whole bucket) and the rest."""
+    rng = np.random.default_rng(seed)
+    total = sum(sizes)
+    n_val = max(1, round(total * val_fraction))
+    flat = [(b, i) for b, n in enumerate(sizes) for i in range(n)]
+    chosen = set()
+    for k in rng.permutation(total):
+        b, i = flat[k]
+        if len(chosen) >= n_val:
+            break
+        if sum(1 for (bb, _) in chosen if bb == b) < sizes[b] - 1:
+            chosen.add((b, i))
+    val = [[i for i in range(n) if (b, i) in chosen] for b, n in enumerate(sizes)]
+    train = [[i for i in range(n) if (b, i) not in chosen] for b, n in enumerate(sizes)]
+    return train, val
+
+
+class BalancedBucketSampler:
+    """Batches drawn from one bucket at a time, every bucket equally often (Playground v2.5 §3.2).
+
+    Deterministic in (seed, draw): the draws come in rounds that visit each bucket once in a seeded
+    random order, and the j-th visit to bucket b takes the next ``batch_size`` items of b's stream of
+    seeded permutations (a fresh permutation per pass over b). So ``batch(draw)`` needs no state, and a
+    resumed run sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, members: list[list[int]], batch_size: int, seed: int):
+        self.members = [m for m in members]
+        self.active = [b for b, m in enumerate(members) if m]
+        if not self.active:
+            raise DataError("no training images in any bucket")
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def bucket_of(self, draw: int) -> int:
+        rnd, pos = divmod(draw, len(self.active))
+        order = np.random.default_rng([self.seed, 0, rnd]).permutation(len(self.active))
+        return self.active[order[pos]]
+
+    def batch(self, draw: int) -> tuple[int, list[int]]:
+        bucket = self.bucket_of(draw)
+        visit = draw // len(self.active)
+        members = self.members[bucket]
+        n = len(members)
+        out = []
+        for pos in range(visit * self.batch_size, (visit + 1) * self.batch_size):
+            epoch, offset = divmod(pos, n)
+            perm = np.random.default_rng([self.seed, 1, bucket, epoch]).permutation(n)
+            out.append(members[perm[offset]])
+        return bucket, out

@@ -1,0 +1,28 @@
+"""`python -m model train-qt` (what `make train-qt` runs) on a small curated set, tiny preset."""
+
+from __future__ import annotations
+
+from model.__main__ import main
+from tests.model.conftest import write_imagefolder
+
+
+def test_train_qt_cli_pretrains_then_quality_tunes_and_prints_where_things_are(tmp_path, capsys):
+    data = write_imagefolder(tmp_path / "curated", 12, missing_captions=1)
+    sets = ["autoencoder.train_steps=5", "pretrain.0.max_steps=2", "pretrain.1.max_steps=2",
+            "quality_tune.max_steps=3", "quality_tune.eval_every=3", "quality_tune.sample_every=3",
+            "quality_tune.pixel_loss_weight=1.0", "sample.num_inference_steps=2", "sample.prompts=['a fox']"]
+    argv = ["train-qt", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "out")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"quality-tuned checkpoint (best, step 3): {tmp_path / 'out' / 'quality_tune' / 'best'}" in out
+    assert (tmp_path / "out" / "quality_tune" / "best" / "model_index.json").is_file()
+    assert (tmp_path / "out" / "pretrain" / "01-pretrain-128" / "final" / "unet").is_dir()
+    assert list((tmp_path / "out" / "quality_tune" / "samples").glob("step-*.png"))
+
+
+def test_train_qt_cli_on_an_empty_set_fails_with_the_minimum(tmp_path, capsys):
+    data = write_imagefolder(tmp_path / "empty", 0)
+    assert main(["train-qt", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert "needs at least 2" in capsys.readouterr().err

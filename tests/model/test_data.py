@@ -1,0 +1,51 @@
+"""Readers, buckets and the balanced bucket sampler."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from model.data import (BalancedBucketSampler, DataError, assign_buckets, make_buckets, nearest_bucket,
+                        read_captioned, split_validation)
+from tests.model.conftest import write_imagefolder, write_parquet
+
+
+def test_bucket_sampler_draws_every_bucket_equally_often_and_is_a_pure_function_of_the_draw():
+    members = [list(range(50)), list(range(5)), list(range(3))]  # very unequal buckets
+    sampler = BalancedBucketSampler(members, batch_size=2, seed=7)
+    counts = collections.Counter(sampler.batch(d)[0] for d in range(300))
+    assert counts == {0: 100, 1: 100, 2: 100}
+    # within a bucket, every item comes once per pass
+    seen = collections.Counter(i for d in range(300) for i in [sampler.batch(d)] if i[0] == 0 for i in i[1])
+    assert set(seen.values()) == {4}  # 100 visits x 2 items / 50 items
+    again = BalancedBucketSampler(members, batch_size=2, seed=7)
+    assert [again.batch(d) for d in (5, 123, 299)] == [sampler.batch(d) for d in (5, 123, 299)]
+
+
+def test_buckets_have_the_resolution_area_and_small_buckets_are_folded_into_neighbours():
+    buckets = make_buckets(256, [1.0, 0.5, 2.0])
+    assert all(h % 64 == 0 and w % 64 == 0 and 0.75 < h * w / 256**2 < 1.3 for h, w in buckets)
+    assert buckets[nearest_bucket(400, 200, buckets)][1] > buckets[nearest_bucket(400, 200, buckets)][0]
+    sizes = [(100, 100)] * 6 + [(200, 100)]  # one wide image alone in its bucket
+    assignment = assign_buckets(sizes, buckets, min_per_bucket=2)
+    assert len(set(assignment)) == 1
+
+
+def test_missing_captions_are_skipped_and_counted_or_rejected(tmp_path):
+    folder = write_imagefolder(tmp_path / "set", 6, missing_captions=2)
+    items, report = read_captioned(folder, "skip")
+    assert len(items) == 4 and report.rows == 6 and len(report.missing_caption) == 2
+    with pytest.raises(DataError, match="2 of 6 rows have no caption"):
+        read_captioned(folder, "error")
+
+
+def test_parquet_with_schema_columns_is_read(tmp_path):
+    items, report = read_captioned(write_parquet(tmp_path / "pq", 5))
+    assert report.usable == 5 and items[0].load().size[0] > 0 and items[0].caption
+
+
+def test_validation_split_never_takes_a_whole_bucket():
+    train, val = split_validation([10, 1, 2], 0.5, seed=0)
+    assert all(len(t) >= 1 for t in train) and sum(map(len, val)) >= 1
+    assert sorted(train[0] + val[0]) == list(range(10))

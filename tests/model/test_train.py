@@ -1,0 +1,183 @@
+"""The training loop on CPU with tiny models: a TINY RANDOMLY-INITIALISED CLIP text encoder and a
+tiny randomly-initialised AutoencoderKL (built from config; no weights are downloaded)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.autoencoder import ChannelMismatchError, build_kl_autoencoder
+from model.config import load_config
+from model.data import DataError
+from model.pipeline import load_pipeline
+from model.text import load_text_encoder
+from model.train import (CheckpointError, Frozen, _generator, build_unet, diffusion_loss, load_base_unet, run_stage,
+                         training_alphas_cumprod)
+from tests.model.conftest import write_imagefolder
+
+FAST = ["quality_tune.pixel_loss_weight=0.0", "quality_tune.eval_every=2", "quality_tune.sample_every=100", "quality_tune.checkpoint_every=2",
+        "quality_tune.batch_size=4", "quality_tune.val_fraction=0.2", "sample.num_inference_steps=2",
+        "sample.prompts=['a fox', 'a cat']"]
+
+
+def tiny(*overrides: str):
+    return load_config("tiny", FAST + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def frozen() -> Frozen:
+    cfg = tiny()
+    tokenizer, text_encoder = load_text_encoder(cfg.text_encoder, cfg.seed)
+    torch.manual_seed(0)
+    vae = build_kl_autoencoder(cfg.autoencoder).eval().requires_grad_(False)  # tiny random autoencoder
+    return Frozen(tokenizer, text_encoder, vae)
+
+
+@pytest.fixture(scope="module")
+def curated_dir(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("curated"), 12)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path).state_dict()
+
+
+def test_few_steps_finite_loss_and_the_checkpoint_samples_in_a_stock_pipeline(frozen, curated_dir, tmp_path):
+    cfg = tiny("quality_tune.max_steps=3", "quality_tune.pixel_loss_weight=2.0")
+    result = run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    assert result.steps == 3 and result.stopped == "max_steps"
+    report = json.loads((tmp_path / "qt" / "report.json").read_text())
+    assert all(torch.isfinite(torch.tensor(h["val_loss"])) for h in report["history"])
+    assert result.grids and result.grids[-1].is_file()
+    pipe = load_pipeline(result.checkpoint)  # StableDiffusionPipeline.from_pretrained(path, vae=...)
+    image = pipe("a red fox", num_inference_steps=2, height=64, width=128,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (128, 64)
+
+
+def test_overfits_8_images_with_clearly_falling_loss(frozen, tmp_path):
+    data = write_imagefolder(tmp_path / "eight", 8)
+    cfg = tiny("quality_tune.max_steps=60", "quality_tune.learning_rate=2e-3", "quality_tune.ema_decay=null",
+               "quality_tune.caption_dropout=0.0", "quality_tune.noise_offset=0.0", "quality_tune.eval_every=1000",
+               "quality_tune.checkpoint_every=1000", "quality_tune.val_fraction=0.01", "diffusion.min_snr_gamma=null",
+               "data.bucket_aspect_ratios=[1.0]", "quality_tune.pixel_loss_weight=0.0")
+    result = run_stage(cfg, cfg.quality_tune, data, tmp_path / "qt", frozen, progress=False)
+    from model.data import LatentCache
+
+    cache = LatentCache(next((tmp_path / "cache").iterdir()))
+    z, text = cache.gather(0, list(range(cache.sizes[0])))
+    scale = json.loads((result.final / "vae" / "config.json").read_text())["scaling_factor"]
+
+    def train_set_loss(unet) -> float:  # same noise and timesteps for both models
+        with torch.no_grad():
+            return sum(diffusion_loss(unet, z * scale, text, cfg, cfg.quality_tune, _generator(0, 9, k),
+                                      training_alphas_cumprod(cfg), None)[0].item() for k in range(8)) / 8
+
+    initial = build_unet(cfg, frozen, 64).eval()  # the same seeded initialisation the run started from
+    from diffusers import UNet2DConditionModel
+
+    trained = UNet2DConditionModel.from_pretrained(result.final / "unet").eval()
+    before, after = train_set_loss(initial), train_set_loss(trained)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(frozen, curated_dir, tmp_path):
+    whole = tiny("quality_tune.max_steps=4")
+    run_stage(whole, whole.quality_tune, curated_dir, tmp_path / "a", frozen, progress=False)
+    first = tiny("quality_tune.max_steps=2")
+    run_stage(first, first.quality_tune, curated_dir, tmp_path / "b", frozen, progress=False)
+    resumed = run_stage(whole, whole.quality_tune, curated_dir, tmp_path / "b", frozen, progress=False)
+    assert resumed.steps == 4
+    a = weights(tmp_path / "a" / "checkpoints" / "step-0000004" / "unet")
+    b = weights(tmp_path / "b" / "checkpoints" / "step-0000004" / "unet")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ema_a = torch.load(tmp_path / "a" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=False)
+    ema_b = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=False)
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+
+
+def test_pixel_loss_gradient_reaches_the_unet_only(frozen):
+    cfg = tiny("quality_tune.pixel_loss_weight=4.0", "quality_tune.noise_offset=0.1")
+    unet = build_unet(cfg, frozen, 64)
+    z = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 77, 32)
+    decode = lambda x: frozen.vae.decode(x).sample  # noqa: E731
+    loss, parts = diffusion_loss(unet, z, text, cfg, cfg.quality_tune, _generator(0, 5), training_alphas_cumprod(cfg),
+                                 decode)
+    loss.backward()
+    assert parts["pixel"] > 0
+    assert all(p.grad is None for p in frozen.vae.parameters())
+    assert all(p.grad is None for p in frozen.text_encoder.parameters())
+    with_pixel = torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None])
+    assert with_pixel.abs().sum() > 0
+    unet.zero_grad(set_to_none=True)
+    latent_only = tiny("quality_tune.noise_offset=0.1")
+    diffusion_loss(unet, z, text, latent_only, latent_only.quality_tune, _generator(0, 5),
+                   training_alphas_cumprod(cfg), decode)[0].backward()
+    without = torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None])
+    assert not torch.allclose(with_pixel, without)  # the pixel term changes the UNet's gradient
+
+
+@pytest.mark.parametrize("schedule", ["zero_snr", "edm"])
+def test_other_schedules_train_with_finite_loss(frozen, curated_dir, tmp_path, schedule):
+    pred = "v_prediction" if schedule == "zero_snr" else "epsilon"
+    cfg = tiny("quality_tune.max_steps=2", f"diffusion.schedule={schedule}", f"diffusion.prediction_type={pred}",
+               "quality_tune.pixel_loss_weight=1.0")
+    result = run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / schedule, frozen, progress=False)
+    assert result.stopped == "max_steps"
+    assert json.loads((result.final / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == (
+        "EDMEulerScheduler" if schedule == "edm" else "DDIMScheduler")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(frozen, curated_dir, tmp_path):
+    cfg = tiny("quality_tune.max_steps=2")
+    run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    for latents in (tmp_path / "cache").rglob("latents.npy"):  # poison the cached latents
+        import numpy as np
+
+        arr = np.load(latents)
+        arr[:] = np.nan
+        np.save(latents, arr)
+    more = tiny("quality_tune.max_steps=6")
+    result = run_stage(more, more.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    assert result.stopped == "nan at step 2" and result.steps == 2
+    assert json.loads((tmp_path / "qt" / "checkpoints" / "latest.json").read_text())["step"] == 2
+
+
+def test_disk_full_while_saving_leaves_latest_on_the_previous_checkpoint(frozen, curated_dir, tmp_path, monkeypatch):
+    cfg = tiny("quality_tune.max_steps=2")
+    run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    more = tiny("quality_tune.max_steps=4")
+    with pytest.raises(CheckpointError, match="latest still points at step-0000002"):
+        run_stage(more, more.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    ckpts = tmp_path / "qt" / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 2
+    assert not list(ckpts.glob(".tmp-*"))
+    assert weights(ckpts / "step-0000002" / "unet")
+
+
+def test_base_checkpoint_with_other_latent_channels_is_rejected(frozen, tmp_path):
+    cfg = tiny("autoencoder.latent_channels=16")
+    other = Frozen(frozen.tokenizer, frozen.text_encoder, build_kl_autoencoder(cfg.autoencoder))
+    build_unet(cfg, other, 64).save_pretrained(tmp_path / "base" / "unet")
+    with pytest.raises(ChannelMismatchError, match="16-channel latents.*4-channel"):
+        load_base_unet(tmp_path / "base", frozen)
+
+
+def test_a_too_small_curated_set_is_a_clear_error(frozen, tmp_path):
+    data = write_imagefolder(tmp_path / "three", 5, missing_captions=2)
+    cfg = tiny()
+    with pytest.raises(DataError, match=r"3 usable captioned images \(2 without a caption skipped\).*at least 4"):
+        run_stage(cfg, cfg.quality_tune, data, tmp_path / "qt", frozen, progress=False)
