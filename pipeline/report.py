@@ -13,9 +13,10 @@ from __future__ import annotations
 import html
 import io
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -24,7 +25,13 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline import schema
-from pipeline.config import BALANCE_QUOTA, FILTERS_BY_NAME, NEAR_DUPLICATES, THRESHOLD_FILTERS, PipelineConfig
+from pipeline.config import (
+    BALANCE_QUOTA,
+    FILTERS_BY_NAME,
+    NEAR_DUPLICATES,
+    THRESHOLD_FILTERS,
+    PipelineConfig,
+)
 from pipeline.layout import RunLayout
 from pipeline.select import SelectError, selection_summary
 
@@ -41,6 +48,9 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #ddd; } .muted { color: #777; }
 nav a { margin-right: 1rem; }
 """
+
+
+_NOT_DROPS = ("rows in", "ingested", "kept")  # funnel stages that count rows rather than drop them
 
 
 class ReportError(Exception):
@@ -128,7 +138,7 @@ def _funnel(src: _Sources) -> list[dict]:
     # filters in declaration order; a drop counts once, under its first failing filter
     order = [r for f in THRESHOLD_FILTERS for r in (f.name, f.null_reason)] + [NEAR_DUPLICATES, BALANCE_QUOTA]
     for reason in sorted(drops, key=lambda r: order.index(r) if r in order else len(order)):
-        step("balance" if reason == BALANCE_QUOTA else "filter", reason, drops[reason])
+        step("balance" if reason == BALANCE_QUOTA else _filter_of(reason), reason, drops[reason])
     step("kept", None, kept, drop=False)
     dropped = sum(drops.values())
     if rows_in != kept + dropped + quarantined + duplicates or remaining != kept:
@@ -141,9 +151,11 @@ def _funnel(src: _Sources) -> list[dict]:
 
 def funnel(run_dir: Path) -> list[dict]:
     """Every input row, accounted for: one dict per step with ``stage``, ``reason``, ``rows`` and
-    ``remaining`` (rows still in after the step). Drops are attributed to their first failing filter,
-    so the ``rows`` of all drop steps add up to rows in - kept. Raises ReportError if the run's files
-    do not add up."""
+    ``remaining`` (rows still in after the step). Stages: ``rows in``, ``exact duplicates``,
+    ``quarantined``, ``ingested``, then one per filter (named as in the config; a filter can drop for
+    two reasons, e.g. ``min_clip_score`` and ``clip_score_null``), ``balance`` and ``kept``. A drop
+    counts once, under its first failing filter, so the drop steps add up to rows in - kept. Raises
+    ReportError if the run's files do not add up."""
     return _funnel(_open(Path(run_dir)))
 
 
@@ -155,6 +167,10 @@ def funnel_markdown(rows: list[dict]) -> str:
 
 
 # --- figures -------------------------------------------------------------------------------------
+
+_NUMERIC = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE"}
+# Scores worth a histogram, in the order the filters run (pHash is an id, not a quantity).
+_HISTOGRAM_ORDER = [f.column for f in THRESHOLD_FILTERS] + [schema.CONCEPT_CONFIDENCE]
 
 
 def _histograms(src: _Sources, summary: dict, config: PipelineConfig, out: Path) -> list[str]:
@@ -192,19 +208,15 @@ def _histograms(src: _Sources, summary: dict, config: PipelineConfig, out: Path)
     return ["scores.png"]
 
 
-_NUMERIC = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "FLOAT", "DOUBLE", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
-# Scores worth a histogram, in the order the filters run (pHash is an id, not a quantity).
-_HISTOGRAM_ORDER = [f.column for f in THRESHOLD_FILTERS] + [schema.CONCEPT_CONFIDENCE]
-
-
 def _concepts(src: _Sources, out: Path) -> list[tuple[str, int, int, int]]:
+    """Rows per concept: ingested, passed the filters (before balancing), kept (after)."""
+    if _scalar(src.con, "SELECT count(concept) FROM selection") == 0:
+        return []
     rows = src.con.execute(
         f"""SELECT coalesce(concept, '{schema.OTHER_CONCEPT}') AS c, count(*),
                    count(*) FILTER (WHERE keep OR drop_reason = '{BALANCE_QUOTA}'), count(*) FILTER (WHERE keep)
             FROM selection GROUP BY c ORDER BY 3 DESC, c"""
     ).fetchall()
-    if _scalar(src.con, "SELECT count(concept) FROM selection") == 0:
-        return []
     names = [r[0] for r in rows]
     figure = Figure(figsize=(8, 0.8 + 0.32 * len(names)), layout="constrained")
     axis = figure.add_subplot()
@@ -231,7 +243,7 @@ def _cell(thumbnail: bytes | None, lines: Sequence[str], size: int, font) -> Ima
     try:
         image = ImageOps.contain(Image.open(io.BytesIO(thumbnail)).convert("RGB"), (size - 4, size - 4))
         cell.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    except Exception:  # a report must not die on one bad thumbnail: show the gap
+    except (OSError, ValueError, TypeError):  # missing or undecodable: the report shows the gap, not a traceback
         ImageDraw.Draw(cell).text((8, size // 2), "no thumbnail", fill="#c22", font=font)
     draw = ImageDraw.Draw(cell)
     for k, line in enumerate(lines[:2]):
@@ -256,70 +268,76 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _contact_sheets(src: _Sources, summary: dict, config: PipelineConfig, out: Path) -> list[dict]:
+@dataclass
+class _Sheet:
+    name: str
+    title: str
+    total: int
+    cells: list[tuple[str, list[str]]]  # (id whose thumbnail fills the cell, label lines)
+
+
+def _plan_sheets(src: _Sources, summary: dict, config: PipelineConfig) -> list[_Sheet]:
     """Kept rows and, per filter, rows that filter dropped (any of their reasons), each a deterministic
-    sample (ordered by a hash of the id, so reruns show the same faces)."""
-    con, k, size = src.con, config.report.contact_sheet_samples, config.report.contact_sheet_cell
+    sample (ordered by a hash of the id, so reruns show the same faces). Only ids and scores here:
+    thumbnails are fetched afterwards in one pass for every sheet."""
+    con, k = src.con, config.report.contact_sheet_samples
     score_columns = set(_columns(con, "scores"))
     rank = summary.get("rank_by")
     rank_sql = f's."{rank}"' if rank in score_columns else "NULL"
-    sheets: list[dict] = []
 
-    def sample(where: str, value_sql: str) -> list[tuple]:
-        return con.execute(
-            f"""SELECT sel.id, i.thumbnail, {value_sql}, sel.concept FROM selection sel
-                JOIN ingest i USING (id) LEFT JOIN scores s USING (id)
+    def sheet(name: str, title: str, where: str, value_sql: str, label: str) -> _Sheet:
+        rows = con.execute(
+            f"""SELECT sel.id, {value_sql}, sel.concept FROM selection sel LEFT JOIN scores s USING (id)
+                {"LEFT JOIN (SELECT id, engagement FROM ingest) i USING (id)" if "i." in value_sql else ""}
                 WHERE {where} ORDER BY hash(sel.id), sel.id LIMIT {k}"""
         ).fetchall()
+        total = _scalar(con, f"SELECT count(*) FROM selection sel WHERE {where}")
+        cells = [(row_id, [row_id[:10] + (f"  {concept}" if concept else ""), f"{label} {_fmt(v)}"]) for row_id, v, concept in rows]
+        return _Sheet(name, title, total, cells)
 
-    def add(name: str, title: str, rows: list[tuple], label: str, total: int) -> None:
-        if not rows:
-            return
-        file = f"sheet-{name}.png"
-        cells = [(thumb, [row_id[:10] + (f"  {concept}" if concept else ""), f"{label} {_fmt(v)}"]) for row_id, thumb, v, concept in rows]
-        _sheet(cells, size, out / file)
-        sheets.append({"name": name, "title": title, "file": file, "shown": len(rows), "total": total})
-
-    kept_total = _scalar(con, "SELECT count(*) FROM selection WHERE keep")
-    add("kept", "kept", sample("sel.keep", rank_sql), rank or "", kept_total)
+    sheets = [sheet("kept", "kept", "sel.keep", rank_sql, rank or "")]
     for name in summary["applied_filters"] + [BALANCE_QUOTA]:
         if name == NEAR_DUPLICATES:
-            sheets.extend(_near_duplicate_sheet(src, k, size, out))
+            sheets.append(_plan_near_duplicates(src, k))
             continue
         f = FILTERS_BY_NAME.get(name)
         reasons = [f.name, f.null_reason] if f else [name]
         where = " OR ".join(f"list_contains(sel.drop_reasons, '{r}')" for r in reasons)
-        total = _scalar(con, f"SELECT count(*) FROM selection sel WHERE {where}")
         column = f.column if f else rank
-        value_sql = f's."{column}"' if column in score_columns else (f'i."{column}"' if column == schema.ENGAGEMENT else rank_sql)
-        add(name, f"dropped by {name}" + (f" (kept when {f.column} {f.op} {_fmt(summary['thresholds'][name])})" if f else ""),
-            sample(where, value_sql), column or "", total)
-    return sheets
+        value_sql = f's."{column}"' if column in score_columns else ("i.engagement" if column == schema.ENGAGEMENT else rank_sql)
+        rule = f" (kept when {f.column} {f.op} {_fmt(summary['thresholds'][name])})" if f else ""
+        sheets.append(sheet(name, f"dropped by {name}{rule}", where, value_sql, column or ""))
+    return [s for s in sheets if s.cells]
 
 
-def _near_duplicate_sheet(src: _Sources, k: int, size: int, out: Path) -> list[dict]:
-    """Pairs, side by side: each dropped near-duplicate, then the representative that was kept in its
-    place, with their pHash distance, so the distance threshold can be judged by eye."""
+def _plan_near_duplicates(src: _Sources, k: int) -> _Sheet:
+    """Pairs, side by side: each dropped near-duplicate, then the representative kept in its place,
+    with their pHash distance, so the distance threshold can be judged by eye."""
     rows = src.con.execute(
-        f"""SELECT d.id, di.thumbnail, r.id, ri.thumbnail, bit_count(xor(ds.phash, rs.phash))
-            FROM selection d
-            JOIN ingest di ON di.id = d.id JOIN scores ds ON ds.id = d.id
-            JOIN ingest ri ON ri.id = d.near_dup_group JOIN scores rs ON rs.id = d.near_dup_group
-            JOIN selection r ON r.id = d.near_dup_group
+        f"""SELECT d.id, d.near_dup_group, bit_count(xor(ds.phash, rs.phash))
+            FROM selection d JOIN scores ds ON ds.id = d.id JOIN scores rs ON rs.id = d.near_dup_group
             WHERE d.drop_reason = '{NEAR_DUPLICATES}'
             ORDER BY hash(d.id), d.id LIMIT {max(1, k // 2)}"""
     ).fetchall()
-    if not rows:
-        return []
-    cells = []
-    for dup_id, dup_thumb, rep_id, rep_thumb, distance in rows:
-        cells.append((dup_thumb, [dup_id[:10], f"dropped, {distance} bits"]))
-        cells.append((rep_thumb, [rep_id[:10], "its representative"]))
-    file = "sheet-near_duplicates.png"
-    _sheet(cells, size, out / file)
     total = _scalar(src.con, f"SELECT count(*) FROM selection WHERE drop_reason = '{NEAR_DUPLICATES}'")
-    return [{"name": NEAR_DUPLICATES, "title": "dropped near-duplicates (left) beside their kept representative (right)",
-             "file": file, "shown": len(rows), "total": total}]
+    cells: list[tuple[str, list[str]]] = []
+    for dup_id, rep_id, distance in rows:
+        cells += [(dup_id, [dup_id[:10], f"dropped, {distance} bits"]), (rep_id, [rep_id[:10], "its representative"])]
+    return _Sheet(NEAR_DUPLICATES, "dropped near-duplicates (left) beside their kept representative (right)", total, cells)
+
+
+def _draw_sheets(src: _Sources, sheets: list[_Sheet], size: int, out: Path) -> list[dict]:
+    ids = sorted({row_id for sheet in sheets for row_id, _ in sheet.cells})
+    thumbnails = dict(
+        src.con.execute("SELECT id, thumbnail FROM ingest WHERE id IN (SELECT unnest($ids))", {"ids": ids}).fetchall()
+    ) if ids else {}
+    drawn = []
+    for sheet in sheets:
+        file = f"sheet-{sheet.name}.png"
+        _sheet([(thumbnails.get(row_id), lines) for row_id, lines in sheet.cells], size, out / file)
+        shown = len(sheet.cells) // 2 if sheet.name == NEAR_DUPLICATES else len(sheet.cells)
+        drawn.append({"name": sheet.name, "title": sheet.title, "file": file, "shown": shown, "total": sheet.total})
+    return drawn
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -332,16 +350,16 @@ def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>needles selection report: {e(run_dir.name)}</title>",
            f"<style>{_STYLE}</style></head><body>",
            f"<h1>Selection report</h1><p class='muted'>{e(str(run_dir))}</p>",
-           "<nav><a href='#funnel'>funnel</a><a href='#filters'>filters</a><a href='#scores'>scores</a>"
-           "<a href='#concepts'>concepts</a><a href='#sheets'>contact sheets</a></nav>"]
+           ("<nav><a href='#funnel'>funnel</a><a href='#filters'>filters</a><a href='#scores'>scores</a>"
+            "<a href='#concepts'>concepts</a><a href='#sheets'>contact sheets</a></nav>")]
     kept = rows[-1]["rows"]
-    dropped = sum(r["rows"] for r in rows if r["stage"] in ("filter", "balance"))
+    dropped = sum(r["rows"] for r in rows if r["stage"] not in _NOT_DROPS + ("quarantined", "exact duplicates"))
     quarantined = sum(r["rows"] for r in rows if r["stage"] in ("quarantined", "exact duplicates"))
     out.append(f"<h2 id='funnel'>Funnel</h2><p class='ok'>rows in {rows[0]['rows']:,} = kept {kept:,} + dropped {dropped:,} "
                f"+ quarantined and exact duplicates {quarantined:,} &#10003;</p>")
     out.append("<table><tr><th>stage</th><th>reason</th><th>rows</th><th>remaining</th><th></th></tr>")
     for r in rows:
-        drop = r["stage"] not in ("rows in", "ingested", "kept")
+        drop = r["stage"] not in _NOT_DROPS
         share = r["rows"] / rows_in
         out.append(f"<tr class='{'drop' if drop else ''}'><td>{e(r['stage'])}</td><td>{e(r['reason'] or '')}</td>"
                    f"<td class='n'>{r['rows']:,}</td><td class='n'>{r['remaining']:,}</td>"
@@ -377,6 +395,9 @@ def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig
         out.append("</table>")
     else:
         out.append("<p class='muted'>no concept column: all rows were balanced as one domain</p>")
+    if summary.get("quota_concepts_absent"):
+        out.append("<p class='bad'>Quotas for concepts no row carries (a typo?): "
+                   + ", ".join(e(c) for c in summary["quota_concepts_absent"]) + "</p>")
     out.append("<h2 id='sheets'>Contact sheets</h2>")
     for sheet in sheets:
         out.append(f"<h3>{e(sheet['title'])}</h3><p class='muted'>{sheet['shown']} of {sheet['total']:,} rows</p>"
@@ -397,7 +418,7 @@ def build_report(run_dir: Path, config: PipelineConfig) -> Path:
     any_reason = src.con.execute("SELECT r, count(*) FROM (SELECT unnest(drop_reasons) AS r FROM selection) GROUP BY r").fetchall()
     figures = _histograms(src, summary, config, staging)
     concepts = _concepts(src, staging)
-    sheets = _contact_sheets(src, summary, config, staging)
+    sheets = _draw_sheets(src, _plan_sheets(src, summary, config), config.report.contact_sheet_cell, staging)
     (staging / "index.html").write_text(_html(run_dir, rows, summary, config, any_reason, figures, concepts, sheets), encoding="utf-8")
     shutil.rmtree(src.layout.report, ignore_errors=True)
     staging.rename(src.layout.report)

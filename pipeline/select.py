@@ -34,16 +34,18 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline import schema
-from pipeline.config import BALANCE_QUOTA, NEAR_DUPLICATES, THRESHOLD_FILTERS, ConfigError, PipelineConfig
+from pipeline.config import (
+    BALANCE_QUOTA,
+    NEAR_DUPLICATES,
+    THRESHOLD_FILTERS,
+    ConfigError,
+    PipelineConfig,
+)
 from pipeline.layout import RunLayout
 
 #: Key of the JSON summary ``select`` stores in the selection table's schema metadata (and so in
 #: selection.parquet): which filters ran or were skipped, the ranking column, the per-concept balance.
 METADATA_KEY = b"needles.selection"
-
-#: Columns ``run_select`` never reads from the ingest shards: the encoded images are only needed
-#: when the pool is written.
-_IMAGE_COLUMNS = (schema.IMAGE, schema.THUMBNAIL)
 
 
 class SelectError(Exception):
@@ -143,16 +145,9 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndar
         for b in chosen[1:]:
             key <<= np.uint64(blocks[b][1])
             key |= block_bits[b]
-        if key_bits <= 24:
-            # Most keys are unique: find the shared ones with a counting pass, sort only those.
-            key = key.astype(np.int64)
-            counts = np.bincount(key, minlength=1 << key_bits)
-            shared = np.flatnonzero(counts[key] > 1)
-        else:
-            shared = np.arange(n)
-        if len(shared) < 2:
-            continue
-        order = shared[np.argsort(key[shared])]
+        if key_bits <= 32:
+            key = key.astype(np.uint32)  # sorting 32-bit keys is about twice as fast as 64-bit
+        order = np.argsort(key)
         sorted_keys = key[order]
         # Rows with one key sit next to each other: pair each with the next 1, 2, ... rows while any
         # still share its key (buckets are small, so this loop ends after a few steps).
@@ -180,6 +175,26 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(unique), len(unique)))
     _, labels = connected_components(graph, directed=False)
     return labels[inverse.reshape(-1)]
+
+
+def _mark_near_duplicates(
+    rows: np.ndarray, hashes: np.ndarray, position: np.ndarray, max_distance: int, group: np.ndarray, dropped: np.ndarray
+) -> int:
+    """Group ``rows`` by pHash; in each group of two or more, the row first in priority ``position``
+    is the representative. Writes the representative's row into ``group`` and marks the others in
+    ``dropped``. Returns the number of groups."""
+    if len(rows) == 0:
+        return 0
+    labels = near_duplicate_groups(hashes, max_distance)
+    by_priority = np.argsort(position[rows], kind="stable")
+    _, first = np.unique(labels[by_priority], return_index=True)  # each label's best row
+    representative = np.empty(labels.max() + 1, np.int64)
+    representative[labels[by_priority][first]] = rows[by_priority][first]
+    sizes = np.bincount(labels)
+    grouped = sizes[labels] > 1
+    group[rows[grouped]] = representative[labels[grouped]]
+    dropped[rows[grouped]] = representative[labels[grouped]] != rows[grouped]
+    return int(np.count_nonzero(sizes > 1))
 
 
 # --- the domain-balanced cut ----------------------------------------------------------------------
@@ -246,7 +261,7 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
     n = table.num_rows
     columns = table.column_names
 
-    # 1. thresholds: one (n, reasons) boolean matrix; reason k = 2*filter (below) or 2*filter+1 (null)
+    # 1. thresholds: one boolean column per drop reason (below the threshold, null score), in declaration order
     reasons: list[str] = []
     failing: list[np.ndarray] = []
     applied, skipped = [], []
@@ -268,7 +283,7 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
 
     rank_by = rank_column(columns, config)
     cutting = config.balance.target_size is not None and config.balance.target_size < n
-    dedup = config.filters.near_duplicates and config.filters.near_duplicate_max_distance is not None
+    dedup = config.filters.near_duplicates
     if dedup and schema.PHASH not in columns:
         skipped.append(NEAR_DUPLICATES)
         dedup = False
@@ -289,19 +304,10 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
         phash = table[schema.PHASH]
         # A null pHash (undecodable thumbnail) cannot be compared: the row stays ungrouped.
         candidates = np.flatnonzero(passed_thresholds & pc.is_valid(phash).to_numpy(zero_copy_only=False))
-    if dedup and len(candidates):
-        hashes = pc.take(phash, pa.array(candidates)).to_numpy(zero_copy_only=False).astype(np.int64)
-        labels = near_duplicate_groups(hashes, config.filters.near_duplicate_max_distance)
-        by_priority = np.argsort(position[candidates], kind="stable")
-        _, first = np.unique(labels[by_priority], return_index=True)
-        representative = np.empty(labels.max() + 1, np.int64)
-        representative[labels[by_priority][first]] = candidates[by_priority][first]
-        sizes = np.bincount(labels)
-        grouped = sizes[labels] > 1
-        near_dup_group[candidates[grouped]] = representative[labels[grouped]]
-        near_dup[candidates[grouped]] = representative[labels[grouped]] != candidates[grouped]
-        group_count = int(np.count_nonzero(sizes > 1))
-    if dedup:
+        hashes = pc.take(phash, pa.array(candidates, pa.int64())).to_numpy(zero_copy_only=False).astype(np.int64)
+        group_count = _mark_near_duplicates(
+            candidates, hashes, position, config.filters.near_duplicate_max_distance, near_dup_group, near_dup
+        )
         reasons.append(NEAR_DUPLICATES)
         failing.append(near_dup)
 
@@ -355,6 +361,8 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
         "near_duplicate_groups": group_count,
         "rank_by": rank_by,
         "target_size": config.balance.target_size,
+        # a quota for a concept no row carries is usually a typo: the report shows it
+        "quota_concepts_absent": sorted(set(config.balance.quotas) - set(concept_names)),
         "concepts": {
             c: {"passed_filters": int(before[k]), "allocated": int(allocation[c]), "kept": int(after[k])}
             for k, c in enumerate(concept_names)
@@ -382,56 +390,65 @@ def _parquet_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def read_scored(layout: RunLayout) -> pa.Table:
-    """Ingest columns (without the encoded images) joined with every score column, on ``id``."""
+#: Where each row of the joined table came from: (ingest shard index, row in it, score shard index, row
+#: in it). The pool is cut from the shards by these positions, with no second join on the long ids.
+_LOCATOR = ("_ingest_file", "_ingest_row", "_score_file", "_score_row")
+
+
+def read_scored(layout: RunLayout, config: PipelineConfig) -> tuple[pa.Table, pa.Table]:
+    """The columns selection reads (every score column, and the ingest columns a filter or the ranking
+    needs) joined on ``id``, and each row's locator (shard and row numbers) for writing the pool."""
     ingest, scores = layout.ingest_shards(), layout.score_shards()
     if not ingest:
         raise SelectError(f"no ingest shards in {layout.ingest}: run ingest first")
     if not scores:
         raise SelectError(f"no score shards in {layout.score}: run score first")
-    con = duckdb.connect()
-    ingest_columns = [f.name for f in pq.read_schema(ingest[0]) if f.name not in _IMAGE_COLUMNS]
+    needed = {schema.ID, schema.WIDTH, schema.HEIGHT, schema.CONCEPT, config.balance.rank_by, *config.balance.rank_fallback}
+    needed |= {f.column for f in THRESHOLD_FILTERS}
+    ingest_columns = [f.name for f in pq.read_schema(ingest[0]) if f.name in needed]
     score_columns = [f.name for f in pq.read_schema(scores[0]) if f.name != schema.ID and f.name not in ingest_columns]
-    quoted = lambda names, alias: ", ".join(f'{alias}."{c}"' for c in names)  # noqa: E731
-    table = con.sql(
+    columns = [f'i."{c}"' for c in ingest_columns] + [f's."{c}"' for c in score_columns]
+    table = duckdb.connect().sql(
         f"""
-        SELECT {quoted(ingest_columns, 'i')}{', ' if score_columns else ''}{quoted(score_columns, 's')},
-               s.{schema.ID} IS NOT NULL AS _scored
+        SELECT {", ".join(columns)},
+               i.file_index AS _ingest_file, i.file_row_number AS _ingest_row,
+               s.file_index AS _score_file, s.file_row_number AS _score_row
         FROM read_parquet({_parquet_list(ingest)}) i
         LEFT JOIN read_parquet({_parquet_list(scores)}, union_by_name = true) s USING ({schema.ID})
         """
     ).to_arrow_table()
-    unscored = table.num_rows - pc.sum(table["_scored"]).as_py() if table.num_rows else 0
+    unscored = table["_score_file"].null_count
     if unscored:
         raise SelectError(f"{unscored} of {table.num_rows} ingested rows have no scores in {layout.score}: run score first")
-    if pc.count_distinct(table[schema.ID]).as_py() != table.num_rows:
-        raise SelectError(f"ids repeat across {layout.ingest} and {layout.score}: the shards overlap; re-run ingest/score")
-    return table.drop_columns(["_scored"])
+    ingested = sum(pq.read_metadata(path).num_rows for path in ingest)
+    if table.num_rows != ingested:  # the join multiplied rows: an id is scored more than once
+        raise SelectError(f"{layout.score} scores some ids more than once (stale shards?): re-run score")
+    return table.drop_columns(list(_LOCATOR)), table.select(list(_LOCATOR))
 
 
-def _write_pool(layout: RunLayout, selection: pa.Table) -> int:
-    """Pool shards = kept rows of each ingest shard with its scores, same shard names. Written next to
-    the old pool and swapped in, so a crash never leaves a half-written pool behind."""
-    kept_ids = pc.filter(selection[schema.ID], selection[schema.KEEP]).combine_chunks()
+def _write_pool(layout: RunLayout, keep: np.ndarray, locator: pa.Table) -> int:
+    """Pool shards = the kept rows of each ingest shard with their scores, under the ingest shard's
+    name. Written next to the old pool and swapped in, so a crash never leaves a half-written pool."""
+    ingest_paths, score_paths = layout.ingest_shards(), layout.score_shards()
+    where = {name: locator[name].to_numpy().astype(np.int64)[keep] for name in _LOCATOR}
     staging = layout.pool.with_name(layout.pool.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    scores_by_name = {p.name: p for p in layout.score_shards()}
     written = 0
-    for shard in layout.ingest_shards():
-        ingest = pq.read_table(shard)
-        ingest = ingest.filter(pc.is_in(ingest[schema.ID], kept_ids))
-        if ingest.num_rows == 0:
+    for k, shard in enumerate(ingest_paths):
+        mine = where["_ingest_file"] == k
+        if not mine.any():
             continue
-        score_path = scores_by_name.get(shard.name)
-        if score_path is None:
-            raise SelectError(f"{shard} has no score shard {layout.score / shard.name}: run score first")
-        scores = pq.read_table(score_path)
-        scores = scores.filter(pc.is_in(scores[schema.ID], ingest[schema.ID])).sort_by(schema.ID)
-        ingest = ingest.sort_by(schema.ID)
-        if not scores[schema.ID].equals(ingest[schema.ID]):
-            raise SelectError(f"{score_path} does not score the same ids as {shard}: re-run score")
-        pool = ingest
+        order = np.argsort(where["_ingest_row"][mine], kind="stable")  # keep the shard's row order
+        pool = pq.read_table(shard).take(where["_ingest_row"][mine][order])
+        score_file, score_row = where["_score_file"][mine][order], where["_score_row"][mine][order]
+        files = np.unique(score_file)  # normally one: the score shard of the same name
+        positions = np.concatenate([np.flatnonzero(score_file == j) for j in files])
+        scores = pa.concat_tables(
+            [pq.read_table(score_paths[j]).take(score_row[score_file == j]) for j in files], promote_options="default"
+        ).take(np.argsort(positions))
+        if not scores[schema.ID].equals(pool[schema.ID]):
+            raise SelectError(f"{shard} and {layout.score} changed while selecting: re-run select")
         for name in scores.column_names:
             if name not in pool.column_names:
                 pool = pool.append_column(scores.schema.field(name), scores[name])
@@ -445,12 +462,13 @@ def _write_pool(layout: RunLayout, selection: pa.Table) -> int:
 def run_select(run_dir: Path, config: PipelineConfig) -> SelectStats:
     """Select over a run directory: write ``select/selection.parquet`` and the ``pool/`` shards."""
     layout = RunLayout(run_dir)
-    selection = select(read_scored(layout), config)
+    table, locator = read_scored(layout, config)
+    selection = select(table, config)
     layout.select.mkdir(parents=True, exist_ok=True)
     partial = layout.selection.with_suffix(".parquet.tmp")
     pq.write_table(selection, partial)
     partial.replace(layout.selection)
-    pool_shards = _write_pool(layout, selection)
+    pool_shards = _write_pool(layout, selection[schema.KEEP].to_numpy(zero_copy_only=False), locator)
     summary = selection_summary(selection)
     counts = pc.value_counts(selection[schema.DROP_REASON].drop_null()).to_pylist()
     kept = pc.sum(selection[schema.KEEP]).as_py() or 0

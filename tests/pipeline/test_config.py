@@ -67,9 +67,11 @@ def test_scorers_section_replaces_the_list_in_its_order(tmp_path):
         ("scorers:\n  phash: {hash_sise: 8}\n", "unknown key scorers.phash.hash_sise (did you mean hash_size?)"),
         ("balance:\n  quotas: {food: 1.5}\n", "balance.quotas: food: a fraction must be within 0-1, got 1.5"),
         ("balance:\n  target_size: 100\n  quotas: {food: 0.5, people: 60}\n", "quotas add up to 110 rows, more than target_size 100"),
+        ("filters:\n  min_clip_score: 28\n", "filters.min_clip_score 28.0 is outside the CLIP score's range +-1.0"),
         ("ingest:\n  shard_rows: 0\n", "ingest.shard_rows: Input should be greater than or equal to 1, got 0"),
         ("- a\n- b\n", "the config must be a mapping of sections, got list"),
         ("filters: [\n", "not valid YAML"),
+        ("filters:\n  min_side: 512\n  min_side: 64\n", "key 'min_side' is given twice"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, message):
@@ -106,3 +108,7 @@ def test_every_threshold_filter_is_a_config_key_and_reads_a_schema_column():
         assert f.column in columns, f"{f.name} reads {f.column}, which pipeline/schema.py does not name"
     assert FILTERS_BY_NAME["min_clip_score"].null_reason == "clip_score_null"
     assert FILTERS_BY_NAME["min_engagement"].null_passes
+
+
+def test_clip_threshold_follows_the_clip_scorers_scale():
+    assert parse_config({"scorers": {"clip": {"scale": 100}}, "filters": {"min_clip_score": 28}}).filters.min_clip_score == 28

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -48,6 +49,7 @@ def run(tmp_path):
                 schema.ASPECT_RATIO: pa.array(np.r_[[1.5, 1.5, 4.0, 4.0], rng.uniform(1, 2, m - 4)], pa.float32()),
                 schema.AESTHETIC_SCORE: pa.array(aesthetic, pa.float32()),
                 schema.PHASH: pa.array(phash),
+                schema.CLIP_SCORE: pa.array([0.5] * 5 + [None] + [0.5] * (m - 6), pa.float32()),  # row 5: empty caption
                 schema.CONCEPT: pa.array(rng.choice(["food", "people", "animal"], m)),
             }),
             layout.score / shard.name,
@@ -57,7 +59,7 @@ def run(tmp_path):
 
 CONFIG = {
     "scorers": {},
-    "filters": {**{f.name: None for f in THRESHOLD_FILTERS}, "max_aspect_ratio": 3.0, "min_aesthetic": 4.0, "max_nsfw": 0.5, "near_duplicates": True},
+    "filters": {**{f.name: None for f in THRESHOLD_FILTERS}, "max_aspect_ratio": 3.0, "min_clip_score": 0.28, "min_aesthetic": 4.0, "max_nsfw": 0.5, "near_duplicates": True},
     "balance": {"target_size": 15, "quotas": {"food": 0.6}},
 }
 
@@ -72,12 +74,14 @@ def test_funnel_accounts_for_every_row(run):
     assert ("quarantined", "corrupt_image", 2) in by_stage and ("quarantined", "empty_file", 1) in by_stage
     assert ("ingested", None, N) in by_stage
     assert by_stage[-1] == ("kept", None, stats.kept)
-    drops = [r for r in rows if r["stage"] in ("exact duplicates", "quarantined", "filter", "balance")]
+    drops = [r for r in rows if r["stage"] not in ("rows in", "ingested", "kept")]
     assert sum(r["rows"] for r in drops) == rows[0]["rows"] - stats.kept  # rows in = kept + dropped + quarantined
-    assert all(a["remaining"] >= b["remaining"] for a, b in zip(rows, rows[1:]))
+    assert all(a["remaining"] >= b["remaining"] for a, b in itertools.pairwise(rows))
     assert rows[-1]["remaining"] == stats.kept == 15
-    filters = [r["reason"] for r in rows if r["stage"] == "filter"]
-    assert filters[0] == "max_aspect_ratio"  # declaration order, not size order
+    filters = [(r["stage"], r["reason"]) for r in rows if r["stage"] not in ("rows in", "exact duplicates", "quarantined", "ingested", "kept")]
+    # declaration order, not size order; the near-duplicate drops and the balance cut come last
+    assert filters == [("max_aspect_ratio", "max_aspect_ratio"), ("min_clip_score", "clip_score_null"), ("min_aesthetic", "min_aesthetic"),
+                       ("near_duplicates", "near_duplicates"), ("balance", "balance_quota")]
     table = funnel_markdown(rows)
     assert table.splitlines()[0] == "| stage | reason | rows | remaining |" and "| kept |  | 15 | 15 |" in table
 

@@ -3,8 +3,6 @@ small run directory."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,7 +11,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.config import THRESHOLD_FILTERS, ConfigError, parse_config
-from pipeline.layout import RunLayout, shard_name
+from pipeline.layout import shard_name
 from pipeline.select import (
     SelectError,
     balance_allocation,
@@ -103,6 +101,13 @@ def test_absent_columns_are_skipped_and_recorded_off_filters_are_not():
     assert summary["skipped_filters"] == ["max_nsfw", "min_aesthetic"]
     assert "min_side" not in summary["skipped_filters"]  # off, not skipped
     assert s[schema.DROP_REASON].to_pylist() == ["max_aspect_ratio"]
+
+
+def test_an_empty_table_gives_an_empty_selection():
+    empty = pa.table({schema.ID: pa.array([], pa.string()), schema.PHASH: pa.array([], pa.int64()),
+                      schema.AESTHETIC_SCORE: pa.array([], pa.float32())})
+    s = select(empty, config({"min_aesthetic": 5, "near_duplicates": True}, {"target_size": 10}))
+    assert s.num_rows == 0 and s.schema.equals(schema.SELECTION_SCHEMA, check_metadata=False)
 
 
 def test_selection_needs_ids():
@@ -195,6 +200,13 @@ def test_quotas_fractions_counts_and_unlisted_concepts():
         "food": 5, "cars": 19, "people": 38, "animal": 38}
 
 
+def test_a_quota_for_a_concept_no_row_carries_is_reported():
+    t = table(concept=["food", "people"], aesthetic_score=[1.0, 2.0])
+    s = select(t, config(balance={"target_size": 2, "quotas": {"fod": 0.5}}))
+    assert selection_summary(s)["quota_concepts_absent"] == ["fod"]
+    assert s[schema.KEEP].to_pylist() == [True, True]  # its share went to the others
+
+
 def test_quotas_that_use_the_whole_target_leave_unlisted_concepts_the_remainder_only():
     c = config(balance={"target_size": 100, "quotas": {"food": 0.6, "cars": 0.4, "none": 0}})
     assert balance_allocation({"food": 100, "cars": 100, "other": 100, "none": 100}, c) == {
@@ -217,6 +229,7 @@ def test_balanced_cut_ranks_inside_each_concept():
         top = set(members[np.argsort(-aesthetic[members])][:40].tolist())
         assert set(np.flatnonzero(kept & (concept == name)).tolist()) == top
     assert set(pc.unique(pc.filter(s[schema.DROP_REASON], pc.invert(s[schema.KEEP]))).to_pylist()) == {"balance_quota"}
+    assert selection_summary(s)["quota_concepts_absent"] == []
     concepts = selection_summary(s)["concepts"]
     assert concepts["food"] == {"passed_filters": 300, "allocated": 40, "kept": 40}
 
@@ -314,3 +327,11 @@ def test_unscored_rows_stop_selection_with_a_clear_error(tmp_path):
         run_select(layout.root, config())
     with pytest.raises(SelectError, match="no ingest shards"):
         run_select(tmp_path / "empty", config())
+
+
+def test_ids_scored_twice_stop_selection(tmp_path):
+    layout = write_run(tmp_path)
+    shard = layout.score_shards()[0]
+    (layout.score / shard_name(9)).write_bytes(shard.read_bytes())  # a stale copy scores the same ids again
+    with pytest.raises(SelectError, match="more than once"):
+        run_select(layout.root, config())
