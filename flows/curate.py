@@ -207,7 +207,9 @@ def human_round(round_name: str, pool: str, params: CurateParams, campaign: str,
             wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s)
         else:
             suspend_flow_run(timeout=params.round_timeout_s, key=f"round-{round_name}")
-    return pull_stage(pool, round_name, target, campaign, str(work))
+    next_pool = pull_stage(pool, round_name, target, campaign, str(work))
+    (work / round_name / WAITING_FILE).unlink(missing_ok=True)  # the relay must not wake us for this round again
+    return next_pool
 
 
 @task(name="export-curated", persist_result=True)

@@ -56,7 +56,8 @@ def waiting_round(run: dict) -> dict | None:
     run_dir = (run.get("parameters") or {}).get("run_dir")
     if not run_dir:
         return None
-    for waiting in sorted(Path(run_dir, "annotation").glob("*/waiting.json")):
+    # The flow removes a round's record once it has pulled it; newest first in case one was left.
+    for waiting in sorted(Path(run_dir, "annotation").glob("*/waiting.json"), key=lambda p: -p.stat().st_mtime):
         info = json.loads(waiting.read_text())
         if info.get("flow_run_id") == run["id"]:
             return info

@@ -49,6 +49,7 @@ class Service:
     health_url: str | None = None
     start_timeout_s: float = 120.0
     state_dir: Path = STATE
+    cwd: Path = ROOT  # relative paths in flow parameters resolve against the serve process's directory
 
     @property
     def pidfile(self) -> Path:
@@ -76,7 +77,7 @@ class Service:
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(
                 self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env={**os.environ, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,8 +140,8 @@ def prefect_server(port: int = PREFECT_PORT, state_dir: Path = STATE) -> Service
     )
 
 
-def serve_process(state_dir: Path = STATE) -> Service:
-    return Service("prefect-serve", [sys.executable, "-m", "flows", "serve"], state_dir=state_dir)
+def serve_process(state_dir: Path = STATE, cwd: Path = ROOT) -> Service:
+    return Service("prefect-serve", [sys.executable, "-m", "flows", "serve"], state_dir=state_dir, cwd=cwd)
 
 
 def relay_process(state_dir: Path = STATE) -> Service:

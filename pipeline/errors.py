@@ -17,7 +17,7 @@ _USER_ERRORS = [
 
 
 def _collect() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError, PermissionError]
+    found: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError]
     for module, name in _USER_ERRORS:
         try:
             found.append(getattr(importlib.import_module(module), name))

@@ -43,9 +43,10 @@ import os
 import tarfile
 import time
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,6 +79,8 @@ ENGAGEMENT_KEYS = (
 
 _STATS_FILE = "_stats.json"
 _FORMAT_VERSION = 1
+# Files larger than this are not read into memory: no photo of an image-text corpus comes near it.
+MAX_FILE_BYTES = 256 * 1024 * 1024
 _CHUNK_ITEMS = 32  # items per pool task: large enough to amortise pickling, small enough to balance
 _ROW_GROUP_ROWS = 512
 
@@ -96,10 +99,6 @@ class IngestStats:
     missing_captions: int = 0  # ingested rows whose caption is null (absent or empty in the source)
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rows_in / self.seconds if self.seconds else 0.0
 
 
 # --- what a source yields ---------------------------------------------------------------------------
@@ -302,6 +301,9 @@ def _folder_items(root: Path) -> Iterator[Item]:
             rows[relative] = {k: v for k, v in row.items() if k not in FILE_NAME_KEYS}
     yield from bad_rows
     for relative in sorted(images | set(rows)):
+        if not _is_utf8(relative):  # Parquet strings are UTF-8: such a path could not be stored or found again
+            yield Item(source, _clean(relative), problem=("non_utf8_path", "the file name is not valid UTF-8"))
+            continue
         item = Item(source, relative, path=(root / relative).resolve())
         fields = rows.get(relative)
         yield _fields_to_item(item, fields) if fields else item
@@ -316,9 +318,8 @@ def _column_choice(path: Path, parquet_schema: pa.Schema) -> tuple[str | None, s
         if name not in names:
             continue
         kind = parquet_schema.field(name).type
-        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-            bytes_col = name
-        elif pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        hf_image = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0  # Hugging Face {bytes, path}
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or hf_image:
             bytes_col = name
         elif (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and name == "image":
             path_col = name
@@ -370,7 +371,9 @@ def _parquet_items(path: Path) -> Iterator[Item]:
     parquet, (bytes_col, path_col, caption_col) = _open_parquet(path)
     arrow_schema = parquet.schema_arrow
     binary_cols = {
-        f.name for f in arrow_schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or f.name == bytes_col
+        f.name
+        for f in arrow_schema
+        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or f.name == bytes_col
     }
     meta_cols = [n for n in arrow_schema.names if n not in binary_cols and n != caption_col]
     base = path.parent.resolve()
@@ -394,7 +397,10 @@ def _parquet_items(path: Path) -> Iterator[Item]:
             elif uri:
                 local = local_path(uri)
                 if local is None:
-                    item.problem = ("remote_url", f"{uri} is remote; ingest never downloads (fetch it with img2dataset)")
+                    item.problem = (
+                        "remote_url",
+                        f"{uri} is remote; ingest never downloads (fetch it with img2dataset)",
+                    )
                 else:
                     item.path = local if local.is_absolute() else base / local
             else:
@@ -456,7 +462,7 @@ def _tar_sample(source: str, key: str, parts: dict[str, bytes]) -> Item:
 def _tar_items(path: Path) -> Iterator[Item]:
     source = str(path)
     try:
-        archive = tarfile.open(path, mode="r|*")  # streaming: shards are read once, front to back
+        archive = tarfile.open(path, mode="r|*")  # noqa: SIM115 - closed by the with below; streaming read
     except (tarfile.TarError, OSError) as exc:
         raise IngestError(f"{path}: not a readable tar archive ({exc})") from exc
     key: str | None = None
@@ -495,6 +501,8 @@ Outcome = tuple[ImageInfo | None, str | None, str | None, str | None]  # info, r
 def _inspect(data: bytes | None, path: Path | None, problem: tuple[str, str] | None, thumbnail_size: int) -> Outcome:
     if data is None and path is not None:
         try:
+            if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+                return None, "file_too_large", f"{path} has {path.stat().st_size:,} bytes > {MAX_FILE_BYTES:,}", None
             data = path.read_bytes()
         except FileNotFoundError:
             return None, "missing_image", f"{path} does not exist", None
@@ -511,7 +519,9 @@ def _inspect(data: bytes | None, path: Path | None, problem: tuple[str, str] | N
         return None, exc.reason, exc.detail, digest
 
 
-def _inspect_chunk(jobs: list[tuple[bytes | None, Path | None, tuple[str, str] | None]], thumbnail_size: int) -> list[Outcome]:
+def _inspect_chunk(
+    jobs: list[tuple[bytes | None, Path | None, tuple[str, str] | None]], thumbnail_size: int
+) -> list[Outcome]:
     return [_inspect(data, path, problem, thumbnail_size) for data, path, problem in jobs]
 
 
@@ -568,7 +578,9 @@ class _TableWriter:
 
     def add(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
-        if len(self._rows) >= _ROW_GROUP_ROWS or (self._file_rows and self._in_file + len(self._rows) >= self._file_rows):
+        if len(self._rows) >= _ROW_GROUP_ROWS or (
+            self._file_rows and self._in_file + len(self._rows) >= self._file_rows
+        ):
             self._flush()
 
     def _flush(self) -> None:
@@ -586,6 +598,7 @@ class _TableWriter:
         if self._file_rows and self._in_file >= self._file_rows:
             self._writer.close()
             self._writer = None
+            self._in_file = 0
 
     def close(self) -> list[Path]:
         if self._rows or not self.files:  # an empty table is still written, so readers find the file
@@ -681,10 +694,10 @@ def ingest(
             quarantine.add(
                 {
                     schema.SOURCE: item.source,
-                    schema.SOURCE_KEY: item.source_key,
+                    schema.SOURCE_KEY: _clean(item.source_key),
                     schema.ID: digest,
                     schema.REASON: reason,
-                    schema.DETAIL: detail,
+                    schema.DETAIL: _clean(detail),
                 }
             )
             continue
@@ -695,10 +708,10 @@ def ingest(
             duplicates.add(
                 {
                     schema.SOURCE: item.source,
-                    schema.SOURCE_KEY: item.source_key,
+                    schema.SOURCE_KEY: _clean(item.source_key),
                     schema.ID: info.id,
                     schema.REASON: "exact_duplicate",
-                    schema.DETAIL: f"same bytes as {kept_source} :: {kept_key}",
+                    schema.DETAIL: _clean(f"same bytes as {kept_source} :: {kept_key}"),
                 }
             )
             continue
@@ -717,7 +730,7 @@ def ingest(
                 schema.FORMAT: info.format,
                 schema.THUMBNAIL: info.thumbnail,
                 schema.SOURCE: item.source,
-                schema.SOURCE_KEY: item.source_key,
+                schema.SOURCE_KEY: _clean(item.source_key),
                 schema.ENGAGEMENT: item.engagement,
                 schema.META: json.dumps(item.meta, sort_keys=True, ensure_ascii=False, default=str)
                 if item.meta

@@ -22,8 +22,9 @@ near_duplicate         a clean file slightly resized, brightness-shifted and re-
 
 Every row also has ``base`` (the photo it comes from) and ``likes`` (a heavy-tailed engagement
 count, like a social site's). At least half the rows are clean. Copies always come after the file
-they copy, so ingest (first occurrence wins) keeps the original. The same ``seed`` gives the same
-bytes.
+they copy, so ingest (first occurrence wins) keeps the original. All other rows are drawn at least
+16 pHash bits apart, so a near-duplicate filter finds exactly the ``near_duplicate`` rows. The same
+``seed`` gives the same bytes.
 
 Base photos (from ``skimage.data``; licences as stated in each loader's docstring):
 
@@ -46,6 +47,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
@@ -125,6 +127,11 @@ OVERLAY_PHRASES: tuple[str, ...] = (
 )
 OVERLAY_FONT_SIZES = (14, 20, 28, 40, 56, 72)  # px: small watermark text up to a headline
 
+# Two variants of one photo must differ by this many of the 64 pHash bits (selection groups near
+# duplicates within 6 by default): a clean row should never look like a copy of another row.
+MIN_DISTINCT_BITS = 16
+MAX_TRIES = 30
+
 MIN_SAMPLE_ROWS = 20  # below this not every defect gets a row
 CAPTIONS_FILE = "captions.jsonl"
 
@@ -195,6 +202,24 @@ def _washed_out(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.blend(flat, Image.new("RGB", image.size, (235, 235, 235)), _uniform(rng, 0.2, 0.4))
 
 
+def _distinct_variant(
+    base: Image.Image, defect: str, rng: np.random.Generator, seen: list[imagehash.ImageHash]
+) -> Image.Image:
+    """A crop of ``base`` whose pHash is at least MIN_DISTINCT_BITS from every earlier crop of it (the
+    best of MAX_TRIES otherwise), so only the rows marked as near duplicates are near duplicates."""
+    best, best_distance, best_hash = None, -1, None
+    for _ in range(MAX_TRIES):
+        image = _extreme_strip(base, rng) if defect == "extreme_aspect" else _clean_variant(base, rng)
+        digest = imagehash.phash(image)
+        distance = min((digest - other for other in seen), default=64)
+        if distance > best_distance:
+            best, best_distance, best_hash = image, distance, digest
+        if distance >= MIN_DISTINCT_BITS:
+            break
+    seen.append(best_hash)
+    return best
+
+
 def _near_copy(data: bytes, rng: np.random.Generator) -> bytes:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     scale = _uniform(rng, 0.85, 0.97)
@@ -246,7 +271,9 @@ def _prepare(out_dir: Path) -> None:
     known = set(previous) | {CAPTIONS_FILE}
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in known)
     if foreign:
-        raise FileExistsError(f"{out_dir} holds files that are not a sample ({', '.join(foreign[:5])}); use an empty folder")
+        raise FileExistsError(
+            f"{out_dir} holds files that are not a sample ({', '.join(foreign[:5])}); use an empty folder"
+        )
     for name in previous:
         (out_dir / name).unlink(missing_ok=True)
     captions.unlink(missing_ok=True)
@@ -261,6 +288,7 @@ def generate_sample(out_dir: Path, n: int = 300, seed: int = 0) -> Path:
     bases = [_load_base(photo.name) for photo in BASE_PHOTOS]
     records: list[dict] = []
     written: dict[int, tuple[bytes, dict]] = {}  # id(spec) -> (bytes, record) of clean rows, for copies
+    seen: list[list[imagehash.ImageHash]] = [[] for _ in BASE_PHOTOS]  # pHashes of each base's variants so far
     for index, spec in enumerate(plan):
         defect = spec["defect"]
         record: dict = {"defect": defect}
@@ -276,11 +304,7 @@ def generate_sample(out_dir: Path, n: int = 300, seed: int = 0) -> Path:
             base = BASE_PHOTOS[spec["base"]]
             record["base"] = base.name
             caption = base.caption
-            source = bases[spec["base"]]
-            if defect == "extreme_aspect":
-                image = _extreme_strip(source, rng)
-            else:
-                image = _clean_variant(source, rng)
+            image = _distinct_variant(bases[spec["base"]], defect, rng, seen[spec["base"]])
             if defect == "overlay_text":
                 image, phrase, size = _overlay_text(image, rng)
                 record.update(overlay_text=phrase, overlay_font_px=size)

@@ -3,7 +3,8 @@
 Tables (all Parquet, sharded, readable with DuckDB alone):
 
 - ingested shards  ``<run>/ingest/shard-*.parquet``      INGEST_SCHEMA, one row per unique image
-- quarantine       ``<run>/ingest/quarantine-*.parquet`` QUARANTINE_SCHEMA, rows that could not be ingested
+- quarantine       ``<run>/ingest/quarantine.parquet``   QUARANTINE_SCHEMA, rows that could not be ingested
+- duplicates       ``<run>/ingest/duplicates.parquet``   QUARANTINE_SCHEMA, exact duplicates (reason exact_duplicate)
 - scored shards    ``<run>/score/shard-*.parquet``       ``id`` + one column per score (scorers' outputs)
 - selection        ``<run>/select/selection.parquet``    SELECTION_SCHEMA, one row per ingested id
 - pool             ``<run>/pool/shard-*.parquet``        INGEST_SCHEMA + scores, kept rows only

@@ -32,7 +32,14 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 def gradient(width: int = 96, height: int = 64) -> np.ndarray:
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
-    return np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)), np.full((height, width, 1), 90.0)], axis=2).astype(np.uint8)
+    return np.concatenate(
+        [
+            np.broadcast_to(x, (height, width, 1)),
+            np.broadcast_to(y, (height, width, 1)),
+            np.full((height, width, 1), 90.0),
+        ],
+        axis=2,
+    ).astype(np.uint8)
 
 
 def rgb(width: int = 96, height: int = 64) -> Image.Image:
@@ -73,12 +80,21 @@ ZOO: dict[str, tuple[bytes, str]] = {
     "zero.jpg": (b"", "empty_file"),
     "bomb.png": (png_declaring(200_000, 200_000), "decompression_bomb"),  # PIL's own error (> 2x its limit)
     "bomb-warning.png": (png_declaring(10_000, 10_000), "decompression_bomb"),  # above ours, below PIL's error
-    "float.tif": (encoded(Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64), "F"), "TIFF"), "unsupported_mode"),
+    "float.tif": (
+        encoded(Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64), "F"), "TIFF"),
+        "unsupported_mode",
+    ),
     "portable-pixmap.jpg": (encoded(rgb(), "PPM"), "unsupported_format"),  # PIL reads PPM; we do not accept it
     "cmyk.jpg": (encoded(rgb().convert("CMYK"), "JPEG"), "kept"),
-    "grey16.png": (encoded(Image.fromarray((np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10)), "PNG"), "kept"),
-    "palette.png": (encoded(rgb().convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", transparency=0), "kept"),
-    "alpha.png": (encoded(Image.fromarray(np.dstack([gradient(), np.full((64, 96), 128, np.uint8)]), "RGBA"), "PNG"), "kept"),
+    "grey16.png": (encoded(Image.fromarray(np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10), "PNG"), "kept"),
+    "palette.png": (
+        encoded(rgb().convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", transparency=0),
+        "kept",
+    ),
+    "alpha.png": (
+        encoded(Image.fromarray(np.dstack([gradient(), np.full((64, 96), 128, np.uint8)]), "RGBA"), "PNG"),
+        "kept",
+    ),
     "grey-alpha.png": (encoded(rgb().convert("LA"), "PNG"), "kept"),
     "bilevel.png": (encoded(rgb().convert("1"), "PNG"), "kept"),
     "animated.gif": (animated_gif(), "kept"),
@@ -271,3 +287,23 @@ def test_non_utf8_csv_caption(tmp_path):
     stats = ingest([folder], tmp_path / "run", workers=1)
     assert stats.ingested == 1 and stats.quarantine_reasons == {"non_utf8_caption": 1}
     assert quarantine_by_key(tmp_path / "run")["a.jpg"][schema.ID] is not None
+
+
+def test_non_utf8_file_name_and_tar_member(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with open(bytes(folder) + b"/caf\xe9.jpg", "wb") as handle:  # a Latin-1 name, as old archives have
+        handle.write(GOOD_JPEG)
+    (folder / "fine.jpg").write_bytes(encoded(rgb(50, 40), "JPEG"))
+    shard = tmp_path / "names.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as archive:
+        info = tarfile.TarInfo("\u00e9t\u00e9.jpg")  # stored as Latin-1 bytes, read back as undecodable UTF-8
+        data = encoded(rgb(40, 40), "JPEG")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    run = tmp_path / "run"
+    stats = ingest([folder, shard], run, workers=1)
+    assert stats.rows_in == 3 and stats.ingested == 2
+    assert stats.quarantine_reasons == {"non_utf8_path": 1}
+    keys = [r[schema.SOURCE_KEY] for r in pq.read_table(RunLayout(run).ingest_shards()).to_pylist()]
+    assert keys == ["fine.jpg", "\ufffdt\ufffd"]  # kept, its key made printable

@@ -91,6 +91,18 @@ def test_defects_are_what_they_say(sample):
                 assert np.abs(a - b).mean() < 20  # still the same picture
 
 
+def test_only_the_marked_rows_are_near_duplicates(sample):
+    import imagehash
+
+    rows = rows_of(sample)
+    hashes = {r["file_name"]: imagehash.phash(Image.open(sample / r["file_name"])) for r in rows}
+    copies = [r for r in rows if r["defect"] == "near_duplicate"]
+    assert all(hashes[r["file_name"]] - hashes[r["duplicate_of"]] <= 6 for r in copies)
+    originals = [r["file_name"] for r in rows if r["defect"] not in ("near_duplicate", "exact_duplicate")]
+    closest = min(hashes[a] - hashes[b] for i, a in enumerate(originals) for b in originals[i + 1 :])
+    assert closest > 6  # selection's default near-duplicate radius
+
+
 def test_same_seed_same_bytes_other_seed_other_sample(sample, tmp_path):
     again = generate_sample(tmp_path / "again", n=N, seed=0)
     assert digest(again) == digest(sample)

@@ -1,0 +1,85 @@
+"""python -m annotation <push|status|pull|export|simulate> --round generalist|specialist ...
+
+Label Studio is found from LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or LABEL_STUDIO_USER_TOKEN) and
+LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (defaults: those of annotation/labelstudio/start.sh).
+
+    push      pool -> tasks in the round's projects (idempotent)
+    status    counts, remaining, per-annotator progress and gold flags (JSON); --wait blocks until done
+    pull      annotations -> WORK/<round>/annotations.parquet, then decisions and the next pool
+    export    a pool (the specialist round's next pool) -> curated Parquet + imagefolder
+    simulate  DEMO ONLY: scripted annotators answer the open tasks (see annotation/simulated.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from annotation.client import LabelStudioClient, LabelStudioError, LabelStudioSettings
+from annotation.curation import decide_round, pull_round, push_round, round_status, wait_for_round
+from annotation.export import export_curated
+from annotation.layout import curated_dir
+from annotation.rounds import ROUNDS, AnnotationError, get_round
+from annotation.simulated import SimulatedAnnotator, hash_rule
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m annotation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("push", "status", "pull", "export", "simulate"):
+        p = sub.add_parser(name)
+        p.add_argument("--round", choices=sorted(ROUNDS), required=name != "export")
+        p.add_argument("--campaign", default="needles", help="names the Label Studio projects (1-30 chars)")
+        p.add_argument("--work", type=Path, default=Path("runs/annotation"), help="work directory")
+        p.add_argument("--target-size", type=int, help="override the round's target size")
+        p.add_argument("--overlap", type=int, help="override the round's annotators per task")
+        if name in ("push", "pull", "export"):
+            p.add_argument("--pool", type=Path, required=True, help="pool Parquet file or shard folder")
+        if name in ("push", "status", "pull"):
+            p.add_argument("--gold", type=Path, help="gold table: pool columns + gold_answer")
+    sub.choices["status"].add_argument("--wait", type=float, metavar="SECONDS", help="block until complete")
+    sub.choices["export"].add_argument("--out", type=Path, help="default: WORK/curated")
+    sub.choices["simulate"].add_argument("--annotators", type=int, default=2)
+    sub.choices["simulate"].add_argument("--keep-fraction", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+
+    overrides = {k: v for k, v in (("target_size", args.target_size), ("overlap", args.overlap)) if v}
+    round_ = get_round(args.round, **overrides) if args.round else None
+    settings = LabelStudioSettings.from_env()
+    try:
+        if args.command == "push":
+            result = push_round(args.pool, round_, args.campaign, args.work, settings, gold=args.gold)
+            print(json.dumps(asdict(result), indent=2))
+        elif args.command == "status":
+            if args.wait:
+                wait_for_round(round_, args.campaign, settings, timeout_s=args.wait)
+            print(json.dumps(round_status(round_, args.campaign, settings, gold=args.gold).to_dict(), indent=2))
+        elif args.command == "pull":
+            pull_round(round_, args.campaign, args.work, settings, gold=args.gold)
+            next_pool = decide_round(round_, args.pool, args.work)
+            print(next_pool)
+            print((args.work / round_.name / "summary.json").read_text())
+        elif args.command == "export":
+            print(export_curated(args.pool, args.out or curated_dir(args.work)))
+        elif args.command == "simulate":
+            admin = LabelStudioClient(settings)
+            for i in range(args.annotators):
+                name = f"simulated-{i + 1}@needles.local"
+                done = SimulatedAnnotator(name, f"simulated-password-{i + 1}",
+                                          hash_rule(round_, name, args.keep_fraction)).annotate(admin, round_, args.campaign)
+                print(f"{name}: {done} tasks")
+    except (LabelStudioError, AnnotationError, FileNotFoundError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

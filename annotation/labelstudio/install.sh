@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Label Studio server into its own virtual environment.
+# Why a separate venv: label-studio 1.23 pins python-json-logger 2.x, prefect >= 3.6 needs 3.x,
+# so the server cannot share the project's .venv (which holds only the client SDK).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${LABEL_STUDIO_VENV:-$ROOT/.venv-labelstudio}"
+PYTHON="${PYTHON:-python3}"
+if [ -x "$VENV/bin/label-studio" ]; then
+  echo "label-studio already installed in $VENV"
+  exit 0
+fi
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --upgrade pip
+"$VENV/bin/pip" install --quiet 'label-studio==1.23.*'
+echo "label-studio installed in $VENV: $("$VENV/bin/label-studio" --version 2>/dev/null | tail -n 1)"

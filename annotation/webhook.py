@@ -1,0 +1,54 @@
+"""A small receiver for Label Studio's webhooks, on 127.0.0.1, so a waiting flow wakes at each annotation
+instead of only on its polling interval. It only needs to know *that* something changed: the waiter then
+reads the counters through the API (webhooks carry no guarantee of delivery, so polling stays on)."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class WebhookReceiver:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._event = threading.Event()
+        self.received = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received += 1
+                receiver._event.set()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:  # one line per annotation would flood the log
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="labelstudio-webhook", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/labelstudio"
+
+    def start(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float) -> bool:
+        """True when a notification arrived within ``timeout`` seconds (then re-armed)."""
+        arrived = self._event.wait(timeout)
+        self._event.clear()
+        return arrived
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,149 @@
+"""A real Label Studio for the annotation tests (started once per session, fresh data dir, stopped by
+PID), and small pools of real photos (scikit-image's sample images) built in code."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+from PIL import Image
+
+from annotation.client import LabelStudioSettings
+from annotation.schema import GOLD_ANSWER
+from pipeline import schema
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "annotation" / "labelstudio"
+VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".venv-labelstudio"))
+ADMIN_TOKEN = "needles-test-token-5c1b0e7a9d"
+
+POOL_PHOTOS = [
+    "astronaut", "coffee", "chelsea", "rocket", "camera", "moon",
+    "coins", "hubble_deep_field", "immunohistochemistry", "colorwheel", "page", "text",
+]
+GOLD_PHOTOS = {"brick": "reject", "grass": "keep"}
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    document_root: Path
+    state_dir: Path
+
+    def settings(self, **overrides) -> LabelStudioSettings:
+        values = {"url": self.url, "api_key": ADMIN_TOKEN, "document_root": self.document_root}
+        return LabelStudioSettings(**{**values, **overrides})
+
+    def start(self) -> None:
+        done = subprocess.run([SCRIPTS / "start.sh"], env=self.env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, f"Label Studio did not start:\n{done.stdout}\n{done.stderr}"
+
+    def stop(self) -> None:
+        subprocess.run([SCRIPTS / "stop.sh"], env=self.env, check=True, capture_output=True, timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory) -> Server:
+    if not (VENV / "bin" / "label-studio").exists():
+        pytest.skip(f"label-studio is not installed in {VENV}: run annotation/labelstudio/install.sh")
+    state = tmp_path_factory.mktemp("labelstudio")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_STATE_DIR": str(state),
+        "LABEL_STUDIO_PORT": str(port),
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(state / "files"),
+        "LABEL_STUDIO_USERNAME": "admin@needles.test",
+        "LABEL_STUDIO_PASSWORD": "needles-test-password",
+        "LABEL_STUDIO_USER_TOKEN": ADMIN_TOKEN,
+    }
+    server = Server(url=f"http://127.0.0.1:{port}", env=env, document_root=state / "files", state_dir=state)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _photo(name: str) -> bytes:
+    array = getattr(skimage.data, name)()
+    image = Image.fromarray(array)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _thumbnail(data: bytes) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    image.thumbnail((schema.THUMBNAIL_SIZE, schema.THUMBNAIL_SIZE))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def photo_rows(names: list[str]) -> list[dict]:
+    rows = []
+    for i, name in enumerate(names):
+        data = _photo(name)
+        width, height = Image.open(io.BytesIO(data)).size
+        rows.append(
+            {
+                schema.ID: hashlib.sha256(data).hexdigest(),
+                schema.IMAGE: data,
+                schema.IMAGE_PATH: None,
+                schema.CAPTION: f"a photo: {name.replace('_', ' ')}",
+                schema.WIDTH: width,
+                schema.HEIGHT: height,
+                schema.FORMAT: "JPEG",
+                schema.THUMBNAIL: _thumbnail(data),
+                schema.SOURCE: "skimage.data",
+                schema.SOURCE_KEY: name,
+                schema.ENGAGEMENT: None,
+                schema.META: None,
+                # a fixed, distinct automatic score per photo: the rank tie-break
+                schema.AESTHETIC_SCORE: 4.0 + 0.25 * i,
+            }
+        )
+    return rows
+
+
+def pool_schema() -> pa.Schema:
+    return schema.INGEST_SCHEMA.append(pa.field(schema.AESTHETIC_SCORE, pa.float64()))
+
+
+@pytest.fixture(scope="session")
+def photo_pool(tmp_path_factory) -> Path:
+    """A pool of 12 real photos, one shard, as pipeline/ writes it (ingest columns + aesthetic_score)."""
+    folder = tmp_path_factory.mktemp("pool") / "pool"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(photo_rows(POOL_PHOTOS), schema=pool_schema()), folder / "shard-00000.parquet")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gold_table(tmp_path_factory) -> Path:
+    """Two gold photos with their known generalist answer."""
+    rows = photo_rows(list(GOLD_PHOTOS))
+    for row in rows:
+        row[GOLD_ANSWER] = GOLD_PHOTOS[row[schema.SOURCE_KEY]]
+    path = tmp_path_factory.mktemp("gold") / "gold.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pool_schema().append(pa.field(GOLD_ANSWER, pa.string()))), path)
+    return path
+
+
+def ids_of(path: Path) -> list[str]:
+    return pq.read_table(path, columns=[schema.ID])[schema.ID].to_pylist()

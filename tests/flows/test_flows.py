@@ -1,0 +1,98 @@
+"""The DAG through the real Prefect CLI against a real Prefect server, with a real Label Studio:
+`prefect deployment run curate/quality-set --watch` on the embedded sample with the simulated annotators;
+a run suspended on an open round and resumed by the relay once people finish it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.report import funnel
+from pipeline.sample import generate_sample
+
+pytestmark = [pytest.mark.prefect, pytest.mark.labelstudio, pytest.mark.slow]
+
+
+def _params(stack, name: str, **extra) -> str:
+    sample = stack.workdir / "data" / "sample"
+    if not sample.exists():
+        generate_sample(sample, n=60, seed=1)
+    return json.dumps({
+        "sources": ["data/sample"], "run_dir": f"data/runs/{name}", "generalist_target": 20,
+        "specialist_target": 8, "backend": "local", **extra,
+    })
+
+
+def _check_funnel_adds_up(run_dir: Path) -> None:
+    rows = {(r["stage"], r.get("reason")): r["rows"] for r in funnel(run_dir)}
+    rows_in = rows[("rows in", None)] if ("rows in", None) in rows else next(v for (s, _), v in rows.items() if s == "rows in")
+    kept = next(v for (s, _), v in rows.items() if s == "kept")
+    removed = sum(v for (s, _), v in rows.items() if s not in ("rows in", "kept", "ingested"))
+    assert rows_in == kept + removed
+
+
+def test_deployment_run_with_simulated_annotators(prefect_stack):
+    done = prefect_stack.prefect(
+        "deployment", "run", "curate/quality-set", "--params", _params(prefect_stack, "simulated", annotator_mode="simulated"),
+        "--watch", "--watch-timeout", "800",
+    )
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    run_dir = prefect_stack.workdir / "data" / "runs" / "simulated"
+    curated = run_dir / "annotation" / "curated"
+    metadata = [json.loads(line) for line in (curated / "metadata.jsonl").read_text().splitlines()]
+    assert 0 < len(metadata) <= 8
+    assert all((curated / m["file_name"]).is_file() and m["text"] for m in metadata)
+    _check_funnel_adds_up(run_dir)
+    pool_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (run_dir / "pool").glob("*.parquet"))
+    assert pool_rows > len(metadata)
+
+
+def _flow_run(http, run_id: str) -> dict:
+    return http.get(f"/flow_runs/{run_id}").json()
+
+
+def _wait_state(http, run_id: str, names: set[str], timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _flow_run(http, run_id)
+        if run["state"]["name"] in names:
+            return run
+        assert run["state"]["type"] not in ("FAILED", "CRASHED", "CANCELLED"), run["state"]
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} did not reach {names} in {timeout} s; last: {run['state']['name']}")
+
+
+def test_round_suspends_and_relay_resumes(prefect_stack, monkeypatch):
+    from annotation.client import LabelStudioClient, LabelStudioSettings
+    from annotation.rounds import get_round
+    from annotation.simulated import SimulatedAnnotator, hash_rule
+    from flows.curate import campaign_name
+    from flows.relay import check_once
+
+    for key, value in prefect_stack.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(prefect_stack.workdir)
+    started = prefect_stack.prefect(
+        "deployment", "run", "curate/quality-set", "--params", _params(prefect_stack, "people", annotator_mode="people"),
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
+    settings = LabelStudioSettings.from_env()
+    admin = LabelStudioClient(settings)
+    campaign = campaign_name("data/runs/people")
+    with prefect_stack.http() as http:
+        for round_name, target in (("generalist", 20), ("specialist", 8)):
+            _wait_state(http, run_id, {"Suspended"})
+            assert check_once(http) == [], "resumed while the round was still open"
+            round_ = get_round(round_name, target_size=target)
+            for i in range(round_.overlap):  # the "people" finish the round
+                email = f"person-{i}@needles.test"
+                SimulatedAnnotator(email, f"password-{i}", hash_rule(round_, email, 0.7)).annotate(admin, round_, campaign)
+            assert check_once(http) == [run_id]
+        final = _wait_state(http, run_id, {"Completed"})
+    assert final["state"]["type"] == "COMPLETED"
+    assert (prefect_stack.workdir / "data/runs/people/annotation/curated/metadata.jsonl").is_file()
