@@ -3,15 +3,21 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PREFECT := $(VENV)/bin/prefect
 DATA ?= data
-RUN ?= $(DATA)/runs/demo
 CONFIG ?=
 # tiny on a CPU machine, the SD-1.5-size preset where torch sees a GPU
 PRESET ?= $(shell $(PY) -c "import torch; print('sd15' if torch.cuda.is_available() else 'tiny')" 2>/dev/null || echo tiny)
+# the newest curated set the curate flow exported (override: make train-qt CURATED=path)
+CURATED ?= $(shell $(PY) -c "from flows.train import latest_curated; print(latest_curated())" 2>/dev/null)
 
 export RAY_USAGE_STATS_ENABLED := 0
+export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
-.PHONY: install test demo sample pipeline report weights labelstudio-install labelstudio labelstudio-stop train-qt clean
+DEMO_PARAMS := {"sources": ["$(DATA)/sample"], "run_dir": "$(DATA)/runs/demo", "config": "configs/demo.yaml", \
+  "generalist_target": 60, "specialist_target": 20, "annotator_mode": "simulated", "train": true, "preset": "tiny"}
+
+.PHONY: install test demo up down sample pipeline-demo weights config labelstudio-install labelstudio labelstudio-stop train-qt clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -34,15 +40,35 @@ labelstudio-stop:
 test: install labelstudio-install
 	$(PY) -m pytest
 
-sample: install
-	$(PY) -m pipeline sample $(DATA)/sample
+# The local stack: Prefect server + the process serving the deployments + the round relay + Label Studio.
+up: install labelstudio-install
+	$(PY) -m flows up
 
-demo: sample
-	$(PY) -m pipeline run $(DATA)/sample --run $(RUN) $(if $(CONFIG),--config $(CONFIG))
-	@echo "report: $(RUN)/report/index.html"
+down:
+	$(PY) -m flows down
+
+sample: install
+	@test -f $(DATA)/sample/captions.jsonl || $(PY) -m pipeline sample $(DATA)/sample
+
+# The whole DAG on the embedded sample: tiny models, simulated annotators, tiny training run.
+demo: up sample
+	$(PREFECT) deployment run curate/quality-set --params '$(DEMO_PARAMS)' --watch
+	$(PY) -m flows where
+
+# Only the automatic pipeline (no servers): ingest, score, select, report.
+pipeline-demo: sample
+	$(PY) -m pipeline run $(DATA)/sample --run $(DATA)/runs/pipeline-demo $(if $(CONFIG),--config $(CONFIG))
+
+train-qt: install
+	@test -n "$(CURATED)" || { echo "no curated set under $(DATA)/: run 'make demo' or pass CURATED=path"; exit 2; }
+	$(PY) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET)
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))
 
+# Regenerate the documented default config from pipeline/config.py (a test keeps them equal).
+config: install
+	$(PY) -m pipeline.config > configs/pipeline.yaml
+
 clean:
-	rm -rf $(DATA)/runs .run
+	rm -rf $(DATA)/runs $(DATA)/train-qt-* .run

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 def fingerprint(paths: Iterable[str | Path]) -> str:
     digest = hashlib.sha256()
-    for root in sorted(Path(p) for p in paths):
+    for root in sorted(Path(p).resolve() for p in paths):
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
         for f in files:
             if f.name.startswith("."):
@@ -26,7 +26,8 @@ def fingerprint(paths: Iterable[str | Path]) -> str:
 
 
 def stage_key(stage: str, config: Any, inputs: Iterable[str | Path], outputs_present: bool) -> str:
-    """``outputs_present`` is part of the key so a deleted output reruns its stage; the run after a
+    """Input paths enter the fingerprint resolved, so a key also names where the stage reads from.
+    ``outputs_present`` is part of the key so a deleted output reruns its stage; the run after a
     first run then misses once (outputs now present) and reruns an idempotent stage, cheaply."""
     payload = json.dumps({"stage": stage, "config": config, "present": outputs_present}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256((payload + fingerprint(inputs)).encode()).hexdigest()[:32]}"

@@ -56,7 +56,10 @@ def _ingest_key(ctx, p) -> str:
     from pipeline.layout import RunLayout
 
     cfg = _config(p["config"])
-    return stage_key("ingest", cfg.ingest.model_dump(), p["sources"], _present(RunLayout(p["run_dir"]).ingest))
+    layout = RunLayout(p["run_dir"])
+    # The output location is part of the key: the same sources ingested into another run are other work.
+    section = {"ingest": cfg.ingest.model_dump(), "into": str(layout.ingest.resolve())}
+    return stage_key("ingest", section, p["sources"], _present(layout.ingest))
 
 
 @task(name="ingest", cache_key_fn=_ingest_key, persist_result=True, retries=1)

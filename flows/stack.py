@@ -153,14 +153,28 @@ def labelstudio(action: str) -> None:
     subprocess.run([str(script)], check=True, cwd=ROOT)
 
 
+def wait_for_deployments(api_url: str, names: list[str], timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api_url}/deployments/name/{name}", timeout=5):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise StackError(f"deployment {name} was not served within {timeout_s:.0f} s; see {serve_process().log}")
+                time.sleep(1)
+
+
 def up(with_labelstudio: bool = True) -> None:
     env = prefect_env()
     prefect_server().start(env)
     serve_process().start(env)
     relay_process().start(env)
+    wait_for_deployments(env["PREFECT_API_URL"], ["curate/quality-set", "train-qt/train-qt"])
     if with_labelstudio:
         labelstudio("install")
-        if not (STATE / "labelstudio" / "labelstudio.pid").exists():
+        if Service("labelstudio", [], state_dir=STATE / "labelstudio").pid() is None:  # start.sh's PID file
             labelstudio("start")
     print(f"Prefect UI: http://127.0.0.1:{PREFECT_PORT}   (export PREFECT_API_URL={env['PREFECT_API_URL']})")
     print("Label Studio: http://127.0.0.1:8080")

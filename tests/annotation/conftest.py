@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import socket
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,66 +13,16 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from annotation.client import LabelStudioSettings
 from annotation.schema import GOLD_ANSWER
 from pipeline import schema
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "annotation" / "labelstudio"
-VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".venv-labelstudio"))
-ADMIN_TOKEN = "needles-test-token-5c1b0e7a9d"
+from tests.conftest import ADMIN_TOKEN, Server  # noqa: F401  (the session's Label Studio lives in tests/conftest.py)
 
 POOL_PHOTOS = [
     "astronaut", "coffee", "chelsea", "rocket", "camera", "moon",
     "coins", "hubble_deep_field", "immunohistochemistry", "colorwheel", "page", "text",
 ]
 GOLD_PHOTOS = {"brick": "reject", "grass": "keep"}
-
-
-@dataclass
-class Server:
-    url: str
-    env: dict[str, str]
-    document_root: Path
-    state_dir: Path
-
-    def settings(self, **overrides) -> LabelStudioSettings:
-        values = {"url": self.url, "api_key": ADMIN_TOKEN, "document_root": self.document_root}
-        return LabelStudioSettings(**{**values, **overrides})
-
-    def start(self) -> None:
-        done = subprocess.run([SCRIPTS / "start.sh"], env=self.env, capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, f"Label Studio did not start:\n{done.stdout}\n{done.stderr}"
-
-    def stop(self) -> None:
-        subprocess.run([SCRIPTS / "stop.sh"], env=self.env, check=True, capture_output=True, timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def labelstudio(tmp_path_factory) -> Server:
-    if not (VENV / "bin" / "label-studio").exists():
-        pytest.skip(f"label-studio is not installed in {VENV}: run annotation/labelstudio/install.sh")
-    state = tmp_path_factory.mktemp("labelstudio")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_STATE_DIR": str(state),
-        "LABEL_STUDIO_PORT": str(port),
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(state / "files"),
-        "LABEL_STUDIO_USERNAME": "admin@needles.test",
-        "LABEL_STUDIO_PASSWORD": "needles-test-password",
-        "LABEL_STUDIO_USER_TOKEN": ADMIN_TOKEN,
-    }
-    server = Server(url=f"http://127.0.0.1:{port}", env=env, document_root=state / "files", state_dir=state)
-    server.start()
-    yield server
-    server.stop()
 
 
 def _photo(name: str) -> bytes:

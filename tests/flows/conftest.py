@@ -1,30 +1,19 @@
 """A real Prefect server (127.0.0.1, SQLite, fresh PREFECT_HOME) and the process serving the
-deployments, started once per session and stopped by PID; plus a real Label Studio for the flows."""
+deployments, started once per session and stopped by PID; the flows talk to the session's Label Studio."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from flows.stack import ROOT, prefect_env, prefect_server, serve_process
-
-LS_SCRIPTS = ROOT / "annotation" / "labelstudio"
-LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".venv-labelstudio"))
-LS_TOKEN = "needles-flows-test-token-8e2f"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flows.stack import prefect_env, prefect_server, serve_process, wait_for_deployments
+from tests.conftest import ADMIN_TOKEN, free_port
 
 
 @dataclass
@@ -45,28 +34,13 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def labelstudio_for_flows(tmp_path_factory):
-    if not (LS_VENV / "bin" / "label-studio").exists():
-        pytest.skip(f"label-studio is not installed in {LS_VENV}: run `make labelstudio-install`")
-    state = tmp_path_factory.mktemp("flows-labelstudio")
-    port = free_port()
-    env = {
-        "LABEL_STUDIO_STATE_DIR": str(state),
-        "LABEL_STUDIO_PORT": str(port),
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(state / "files"),
-        "LABEL_STUDIO_USERNAME": "admin@needles.test",
-        "LABEL_STUDIO_PASSWORD": "needles-flows-test-password",
-        "LABEL_STUDIO_USER_TOKEN": LS_TOKEN,
+def labelstudio_for_flows(labelstudio):
+    """What a flow process needs to reach the session's Label Studio (tests/conftest.py)."""
+    return {
+        "LABEL_STUDIO_URL": labelstudio.url,
+        "LABEL_STUDIO_API_KEY": ADMIN_TOKEN,
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(labelstudio.document_root),
     }
-    done = subprocess.run([LS_SCRIPTS / "start.sh"], env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, f"Label Studio did not start:\n{done.stdout}\n{done.stderr}"
-    client_env = {
-        "LABEL_STUDIO_URL": f"http://127.0.0.1:{port}",
-        "LABEL_STUDIO_API_KEY": LS_TOKEN,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(state / "files"),
-    }
-    yield client_env
-    subprocess.run([LS_SCRIPTS / "stop.sh"], env={**os.environ, **env}, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -81,12 +55,7 @@ def prefect_stack(tmp_path_factory, labelstudio_for_flows):
     serve = serve_process(state_dir=state, cwd=workdir)
     serve.start(env)
     stack = Stack(env=env, api=env["PREFECT_API_URL"], workdir=workdir)
-    deadline = time.monotonic() + 120
-    with stack.http() as http:
-        while http.get("/deployments/name/curate/quality-set").status_code != 200:
-            assert serve.pid() is not None, f"serve process died:\n{serve.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "deployments not registered within 120 s"
-            time.sleep(1)
+    wait_for_deployments(stack.api, ["curate/quality-set", "train-qt/train-qt"], timeout_s=180)
     yield stack
     serve.stop()
     server.stop()

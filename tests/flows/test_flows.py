@@ -61,7 +61,7 @@ def _wait_state(http, run_id: str, names: set[str], timeout: float = 600) -> dic
         run = _flow_run(http, run_id)
         if run["state"]["name"] in names:
             return run
-        assert run["state"]["type"] not in ("FAILED", "CRASHED", "CANCELLED"), run["state"]
+        assert run["state"]["type"] not in ("FAILED", "CRASHED", "CANCELLED"), run["state"].get("message")
         time.sleep(2)
     raise AssertionError(f"run {run_id} did not reach {names} in {timeout} s; last: {run['state']['name']}")
 
