@@ -18,6 +18,11 @@ REGISTRY: dict[str, str] = {
     "size": "pipeline.scorers.size:SizeScorer",
     "phash": "pipeline.scorers.phash:PHashScorer",
     "technical": "pipeline.scorers.technical:TechnicalScorer",
+    "ocr": "pipeline.scorers.ocr:OcrScorer",
+    "clip": "pipeline.scorers.clip:ClipScorer",
+    "aesthetic": "pipeline.scorers.aesthetic:AestheticScorer",
+    "concept": "pipeline.scorers.concept:ConceptScorer",
+    "nsfw": "pipeline.scorers.nsfw:NsfwScorer",
 }
 
 

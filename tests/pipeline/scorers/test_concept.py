@@ -1,0 +1,93 @@
+"""Concept scorer: the ImageNet backend with torchvision's real MobileNetV2 weights on real COCO photos,
+and the CLIP backend's plumbing with tiny-random-clip (random weights: its concepts are meaningless)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import schema
+from pipeline.scorer import ScorerError
+from pipeline.scorers import build_scorer
+from pipeline.scorers.concept import DEFAULT_TAXONOMY, Taxonomy
+from pipeline.weights import WeightsError
+from tests.pipeline.scorers.images import photo, table
+
+FOOD = {"banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake"}
+ANIMAL = {"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"}
+
+
+def test_taxonomy_file_is_valid():
+    taxonomy = Taxonomy.load(DEFAULT_TAXONOMY)
+    assert {"portrait", "food", "animal", "landscape", "car", "architecture"} <= set(taxonomy.domains)
+    matrix = taxonomy.imagenet_matrix()
+    assert matrix.sum(axis=1).max() == 1  # every ImageNet class in at most one domain
+    assert matrix[963, list(taxonomy.domains).index("food")] == 1  # pizza
+
+
+def test_imagenet_backend_finds_food_and_animals_in_coco(shared_dir, tmp_path, monkeypatch):
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "mobilenet_v2-b0353104.pth").symlink_to(shared_dir / "weights" / "imagenet" / "mobilenet_v2-b0353104.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    coco = shared_dir / "data" / "coco-mini"
+    rows = [json.loads(line) for line in (coco / "metadata.jsonl").read_text().splitlines()]
+
+    def pick(categories: set[str]) -> list[dict]:
+        # photos showing these categories and no person (a person would make "portrait"/"other" fair answers)
+        return [r for r in rows if set(r.get("coco_categories") or []) & categories and "person" not in (r.get("coco_categories") or [])][:10]
+
+    food, animal = pick(FOOD), pick(ANIMAL)
+    images = []
+    for r in food + animal:
+        image = Image.open(coco / r["file_name"]).convert("RGB")
+        image.thumbnail((schema.THUMBNAIL_SIZE, schema.THUMBNAIL_SIZE))
+        images.append(image)
+    scorer = build_scorer("concept", {"backend": "imagenet", "device": "cpu", "threshold": 0.3})
+    scorer.setup()
+    out = scorer(table(images))
+    concepts = out.column(schema.CONCEPT).to_pylist()
+    confidence = np.array(out.column(schema.CONCEPT_CONFIDENCE).to_pylist())
+    assert np.all((confidence > 0) & (confidence <= 1 + 1e-6))
+    food_rate = sum(c == "food" for c in concepts[: len(food)]) / len(food)
+    animal_rate = sum(c == "animal" for c in concepts[len(food) :]) / len(animal)
+    assert food_rate >= 0.6, concepts[: len(food)]
+    assert animal_rate >= 0.6, concepts[len(food) :]
+
+
+def test_imagenet_backend_refuses_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="mobilenet_v2-b0353104.pth"):
+        build_scorer("concept", {"backend": "imagenet"}).setup()
+
+
+def test_clip_backend_reads_stored_embeddings(tiny_clip):
+    clip = build_scorer("clip", tiny_clip)
+    clip.setup()
+    scored = clip(table([photo("astronaut"), photo("chelsea"), photo("coffee")], ["an astronaut", "a cat", "coffee"]))
+    concept = build_scorer("concept", {"clip": tiny_clip, "threshold": 0.0})
+    concept.setup()
+    out = concept(scored.select([schema.CLIP_IMAGE_EMBEDDING]))
+    names = set(Taxonomy.load(DEFAULT_TAXONOMY).domains)
+    assert set(out.column(schema.CONCEPT).to_pylist()) <= names
+    confidence = np.array(out.column(schema.CONCEPT_CONFIDENCE).to_pylist())
+    assert np.all((confidence >= 1 / len(names) - 1e-6) & (confidence <= 1))
+
+    strict = build_scorer("concept", {"clip": tiny_clip, "threshold": 1.0})
+    strict.setup()
+    assert strict(scored).column(schema.CONCEPT).to_pylist() == ["other"] * 3
+
+
+def test_clip_backend_refuses_embeddings_of_another_clip(tiny_clip):
+    import pyarrow as pa
+
+    from pipeline.scorers.common import embeddings_to_arrow
+
+    concept = build_scorer("concept", {"clip": tiny_clip})
+    concept.setup()
+    with pytest.raises(ScorerError, match="768-wide"):
+        concept(pa.table({schema.CLIP_IMAGE_EMBEDDING: embeddings_to_arrow(np.ones((2, 768), np.float32))}))
