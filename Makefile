@@ -8,7 +8,8 @@ DATA ?= data
 CONFIG ?=
 # tiny on a CPU machine, the SD-1.5-size preset where torch sees a GPU
 PRESET ?= $(shell $(PY) -c "import torch; print('sd15' if torch.cuda.is_available() else 'tiny')" 2>/dev/null || echo tiny)
-# the newest curated set the curate flow exported (override: make train-qt CURATED=path)
+# the newest curated set the curate flow exported (override: make train-qt CURATED=path);
+# SET="key=value ..." overrides preset fields (python -m model train-qt --help)
 CURATED ?= $(shell $(PY) -c "from flows.train import latest_curated; print(latest_curated())" 2>/dev/null)
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -61,7 +62,7 @@ pipeline-demo: sample
 
 train-qt: install
 	@test -n "$(CURATED)" || { echo "no curated set under $(DATA)/: run 'make demo' or pass CURATED=path"; exit 2; }
-	$(PY) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET)
+	$(PY) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s))
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))

@@ -26,3 +26,19 @@ def test_train_qt_cli_on_an_empty_set_fails_with_the_minimum(tmp_path, capsys):
     data = write_imagefolder(tmp_path / "empty", 0)
     assert main(["train-qt", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
     assert "needs at least 2" in capsys.readouterr().err
+
+
+def test_make_train_qt_on_a_small_curated_set(tmp_path):
+    """`make train-qt` as a user runs it: tiny preset on the newest curated set under DATA."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    write_imagefolder(tmp_path / "runs" / "r1" / "annotation" / "curated", 10)
+    sets = ("autoencoder.train_steps=5 pretrain.0.max_steps=2 pretrain.1.max_steps=2 quality_tune.max_steps=2 "
+            "quality_tune.eval_every=2 quality_tune.sample_every=2 sample.num_inference_steps=2")
+    done = subprocess.run(["make", "-s", "train-qt", f"DATA={tmp_path}", "PRESET=tiny", f"SET={sets}"],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "quality-tuned checkpoint" in done.stdout
+    assert (tmp_path / "train-qt-tiny" / "quality_tune" / "best" / "model_index.json").is_file()
