@@ -13,4 +13,5 @@ fi
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet 'label-studio==1.23.*'
-echo "label-studio installed in $VENV: $("$VENV/bin/label-studio" --version 2>/dev/null | tail -n 1)"
+# (not `label-studio --version`: it asks PyPI for the latest release and can hang without network)
+echo "label-studio $("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('label-studio'))") installed in $VENV"
