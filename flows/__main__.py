@@ -39,7 +39,7 @@ def where(root: Path = Path("data")) -> None:
     print(f"curated set:  {newest('**/annotation/curated')}")
     print(f"report:       {newest('**/report/index.html')}")
     print(f"checkpoint:   {newest('**/train-qt/**/model_index.json').rsplit('/', 1)[0]}")
-    print(f"sample grids: {newest('**/train-qt/**/grid*.png')}")
+    print(f"sample grids: {newest('**/train-qt/**/samples/*.png')}")
 
 
 def main(argv: list[str] | None = None) -> int:
