@@ -16,7 +16,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 
 DEMO_PARAMS := {"sources": ["$(DATA)/sample"], "run_dir": "$(DATA)/runs/demo", "config": "configs/demo.yaml", \
-  "generalist_target": 60, "specialist_target": 20, "annotator_mode": "simulated", "train": true, "preset": "tiny"}
+  "generalist_target": 60, "specialist_target": 20, "annotator_mode": "simulated", "train": true, "preset": "tiny", \
+  "train_overrides": ["autoencoder.train_steps=30", "pretrain.0.max_steps=10", "pretrain.1.max_steps=5", "quality_tune.max_steps=15"]}
 
 .PHONY: install test demo up down sample pipeline-demo weights config labelstudio-install labelstudio labelstudio-stop train-qt clean
 

@@ -244,13 +244,14 @@ def curate(
     round_timeout_s: int = 7 * 24 * 3600,
     train: bool = False,
     preset: str = "tiny",
+    train_overrides: list[str] | None = None,
     backend: str = "ray",
 ) -> dict:
     """Curate a quality-tuning set from ``sources`` (see flows/params.py for every parameter)."""
     params = CurateParams(
         sources=sources, run_dir=run_dir, config=config, pool_size=pool_size, generalist_target=generalist_target,
         specialist_target=specialist_target, annotator_mode=annotator_mode, round_timeout_s=round_timeout_s,
-        train=train, preset=preset,
+        train=train, preset=preset, train_overrides=train_overrides or [],
     )
     from pipeline.layout import RunLayout
 
@@ -269,6 +270,7 @@ def curate(
     if params.train:
         from flows.train import train_qt
 
-        result["training"] = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset)
+        result["training"] = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset,
+                                      overrides=params.train_overrides)
     print(json.dumps(result, indent=2))
     return result

@@ -24,6 +24,7 @@ class CurateParams(BaseModel):
     round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long a suspended round may wait for people")
     train: bool = Field(False, description="start the train-qt flow on the curated set at the end")
     preset: str = Field("tiny", description="model preset for training (tiny, mid, sd15)")
+    train_overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")
 
     @field_validator("sources")
     @classmethod
@@ -59,3 +60,4 @@ class TrainParams(BaseModel):
     data_dir: str | None = Field(None, description="curated set (imagefolder or Parquet); default: the latest one under data/")
     out_dir: str = Field("data/train-qt", description="checkpoints, sample grids, TensorBoard logs")
     preset: str = Field("tiny", description="tiny (CPU), mid, sd15 (GPU)")
+    overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")

@@ -24,12 +24,13 @@ def latest_curated(root: Path = DATA) -> Path:
 
 
 @flow(name="train-qt", log_prints=True)
-def train_qt(data_dir: str | None = None, out_dir: str = "data/train-qt", preset: str = "tiny") -> dict:
-    params = TrainParams(data_dir=data_dir, out_dir=out_dir, preset=preset)
+def train_qt(data_dir: str | None = None, out_dir: str = "data/train-qt", preset: str = "tiny",
+             overrides: list[str] | None = None) -> dict:
+    params = TrainParams(data_dir=data_dir, out_dir=out_dir, preset=preset, overrides=overrides or [])
     from model.train import train_quality_tuned
 
     data = Path(params.data_dir) if params.data_dir else latest_curated()
-    result = train_quality_tuned(data, Path(params.out_dir), params.preset, progress=False)
+    result = train_quality_tuned(data, Path(params.out_dir), params.preset, overrides=params.overrides, progress=False)
     create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline", key="checkpoint")
     summary = {"data": str(data), "checkpoint": str(result.checkpoint), "grids": [str(g) for g in result.grids]}
     print(f"checkpoint: {result.checkpoint}")
