@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.stack import prefect_env, prefect_server, serve_process, wait_for_deployments
+from flows.stack import Service, prefect_env, prefect_server, serve_process, wait_for_deployments
 from tests.conftest import ADMIN_TOKEN, free_port
 
 
@@ -21,6 +21,7 @@ class Stack:
     env: dict[str, str]  # what a process needs to reach this Prefect and this Label Studio
     api: str
     workdir: Path  # the serve process's working directory: relative paths in parameters land here
+    server: Service  # the Prefect server process, for tests that restart it
 
     def prefect(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """The real `prefect` CLI against this server."""
@@ -54,7 +55,7 @@ def prefect_stack(tmp_path_factory, labelstudio_for_flows):
     # The serve process runs from its own working directory, as a user's would from their checkout.
     serve = serve_process(state_dir=state, cwd=workdir)
     serve.start(env)
-    stack = Stack(env=env, api=env["PREFECT_API_URL"], workdir=workdir)
+    stack = Stack(env=env, api=env["PREFECT_API_URL"], workdir=workdir, server=server)
     wait_for_deployments(stack.api, ["curate/quality-set", "train-qt/train-qt"], timeout_s=180)
     yield stack
     serve.stop()

@@ -64,7 +64,7 @@ def _wait_state(http, run_id: str, names: set[str], timeout: float = 600) -> dic
     raise AssertionError(f"run {run_id} did not reach {names} in {timeout} s; last: {run['state']['name']}")
 
 
-def test_round_suspends_and_relay_resumes(prefect_stack, monkeypatch):
+def test_round_suspends_survives_a_prefect_restart_and_relay_resumes(prefect_stack, monkeypatch):
     from annotation.client import LabelStudioClient, LabelStudioSettings
     from annotation.rounds import get_round
     from annotation.simulated import SimulatedAnnotator, hash_rule
@@ -85,6 +85,11 @@ def test_round_suspends_and_relay_resumes(prefect_stack, monkeypatch):
     with prefect_stack.http() as http:
         for round_name, target in (("generalist", 20), ("specialist", 8)):
             _wait_state(http, run_id, {"Suspended"})
+            if round_name == "generalist":
+                # The Prefect server restarts while the round is open: nothing is lost.
+                prefect_stack.server.stop()
+                prefect_stack.server.start(prefect_stack.env)
+                assert _flow_run(http, run_id)["state"]["name"] == "Suspended"
             assert check_once(http) == [], "resumed while the round was still open"
             round_ = get_round(round_name, target_size=target)
             for i in range(round_.overlap):  # the "people" finish the round
