@@ -10,7 +10,7 @@ CONFIG ?=
 PRESET ?= $(shell $(PY) -c "import torch; print('sd15' if torch.cuda.is_available() else 'tiny')" 2>/dev/null || echo tiny)
 # the newest curated set the curate flow exported (override: make train-qt CURATED=path);
 # SET="key=value ..." overrides preset fields (python -m model train-qt --help)
-CURATED ?= $(shell $(PY) -c "from flows.train import latest_curated; print(latest_curated())" 2>/dev/null)
+CURATED ?= $(shell $(PY) -c "from pathlib import Path; from flows.train import latest_curated; print(latest_curated(Path('$(DATA)')))" 2>/dev/null)
 
 export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_API_URL ?= http://127.0.0.1:4200/api
