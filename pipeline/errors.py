@@ -3,27 +3,24 @@ message in one line instead of a traceback."""
 
 from __future__ import annotations
 
-import importlib
+from pipeline.config import ConfigError
+from pipeline.engine import EngineError
+from pipeline.ingest import IngestError
+from pipeline.report import ReportError
+from pipeline.scorer import ScorerError
+from pipeline.select import SelectError
+from pipeline.weights import WeightsError
 
-_USER_ERRORS = [
-    ("pipeline.scorer", "ScorerError"),
-    ("pipeline.engine", "EngineError"),
-    ("pipeline.config", "ConfigError"),
-    ("pipeline.ingest", "IngestError"),
-    ("pipeline.weights", "WeightsError"),
-    ("pipeline.select", "SelectError"),
-    ("pipeline.report", "ReportError"),
-]
-
-
-def _collect() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError]
-    for module, name in _USER_ERRORS:
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
-USER_ERRORS = _collect()
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    ConfigError,
+    EngineError,
+    IngestError,
+    ReportError,
+    ScorerError,
+    SelectError,
+    WeightsError,
+)
