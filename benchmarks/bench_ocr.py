@@ -3,8 +3,12 @@
     PYTHONPATH=. .venv/bin/python benchmarks/bench_ocr.py --n 200
 
 Thumbnails: scikit-image's bundled photos, half of them with text drawn on (tests/pipeline/scorers/images).
-Prints wall and CPU time of both (CPU time does not depend on other jobs' load), the speed-up and
-whether every word count is equal. The two run interleaved, 50 images at a time.
+Three routes, interleaved 50 images at a time so load from other processes hits all alike: the readtext
+loop, the scorer without the text-presence gate (``gate_scale: null``, every image takes the full-size
+pass) and the scorer with its default gate (CRAFT at half size first; only images that may have text take
+the full-size pass). Prints wall and CPU time of each (CPU time does not depend on other jobs' load), the
+speed-ups over readtext and whether every word count and text area is equal (the two scorer routes'
+areas are compared with each other; readtext has no area).
 """
 
 from __future__ import annotations
@@ -36,34 +40,50 @@ def main() -> None:
         images.append(with_text(image, seed=i, lines=1 + i % 3)[0] if i % 2 else image)
     data = [jpeg(im) for im in images]
     torch.set_num_threads(2)
-    scorer = build_scorer("ocr", {"device": "cpu"})
-    scorer.setup()
+    full = build_scorer("ocr", {"device": "cpu", "gate_scale": None})
+    gated = build_scorer("ocr", {"device": "cpu"})
+    full.setup()
+    gated.setup()
     decoded = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in data]
-    scorer(table(data[:2]))  # warm-up both paths
-    scorer.reader.readtext(decoded[0])
+    full(table(data[:2]))  # warm-up every path
+    gated(table(data[:2]))
+    full.reader.readtext(decoded[0])
 
-    # interleaved chunk by chunk, so load from other processes hits both sides alike
-    fast: list[int] = []
-    slow: list[int] = []
-    fast_s = slow_s = fast_cpu = slow_cpu = 0.0
+    routes = {
+        "readtext loop": lambda chunk, arrays: ([sum(len(t.split()) for t in full.reader.readtext(a, detail=0)) for a in arrays], None),
+        "scorer, no gate": lambda chunk, arrays: _counts_areas(full(table(chunk))),
+        f"scorer, gate {gated.options.gate_scale}": lambda chunk, arrays: _counts_areas(gated(table(chunk))),
+    }
+    counts = {name: [] for name in routes}
+    areas = {name: [] for name in routes}
+    wall = dict.fromkeys(routes, 0.0)
+    cpu = dict.fromkeys(routes, 0.0)
     for s in range(0, len(data), args.batch):
-        start, cpu = time.perf_counter(), time.process_time()
-        fast += scorer(table(data[s : s + args.batch])).column(schema.OCR_WORD_COUNT).to_pylist()
-        fast_s += time.perf_counter() - start
-        fast_cpu += time.process_time() - cpu
-        start, cpu = time.perf_counter(), time.process_time()
-        slow += [sum(len(t.split()) for t in scorer.reader.readtext(a, detail=0)) for a in decoded[s : s + args.batch]]
-        slow_s += time.perf_counter() - start
-        slow_cpu += time.process_time() - cpu
+        for name, route in routes.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            c, a = route(data[s : s + args.batch], decoded[s : s + args.batch])
+            wall[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - cpu_start
+            counts[name] += c
+            areas[name] += a or []
 
-    equal = sum(a == b for a, b in zip(fast, slow))
-    print(f"images: {len(data)} ({sum(1 for c in slow if c)} with text per readtext)")
-    print(f"readtext loop: {slow_s:.1f} s wall ({len(data) / slow_s:.2f} img/s), {slow_cpu:.1f} s CPU")
-    print(f"ocr scorer:    {fast_s:.1f} s wall ({len(data) / fast_s:.2f} img/s), {fast_cpu:.1f} s CPU")
-    print(f"speed-up: {slow_s / fast_s:.2f}x wall, {slow_cpu / fast_cpu:.2f}x CPU time; equal word counts: {equal}/{len(data)}")
-    if equal != len(data):
-        print("differences (scorer, readtext):", [(i, a, b) for i, (a, b) in enumerate(zip(fast, slow)) if a != b])
+    reference, no_gate, with_gate = routes
+    print(f"images: {len(data)} ({sum(1 for c in counts[reference] if c)} with text per readtext)")
+    for name in routes:
+        line = f"{name:<18} {wall[name]:6.1f} s wall ({len(data) / wall[name]:.2f} img/s), {cpu[name]:6.1f} s CPU"
+        if name != reference:
+            equal = sum(a == b for a, b in zip(counts[name], counts[reference]))
+            line += f"; speed-up {wall[reference] / wall[name]:.2f}x wall, {cpu[reference] / cpu[name]:.2f}x CPU; equal word counts {equal}/{len(data)}"
+            if equal != len(data):
+                line += f"; differences (i, route, readtext): {[(i, a, b) for i, (a, b) in enumerate(zip(counts[name], counts[reference])) if a != b]}"
+        print(line)
+    print(f"gate vs no gate: {wall[no_gate] / wall[with_gate]:.2f}x wall, {cpu[no_gate] / cpu[with_gate]:.2f}x CPU; "
+          f"full-size passes skipped: {gated.skipped_full_pass}/{len(data) + 2} (incl. 2 warm-up); "
+          f"equal text areas: {sum(a == b for a, b in zip(areas[no_gate], areas[with_gate]))}/{len(data)}")
 
+
+def _counts_areas(out) -> tuple[list[int], list[float]]:
+    return out.column(schema.OCR_WORD_COUNT).to_pylist(), out.column(schema.OCR_TEXT_AREA).to_pylist()
 
 if __name__ == "__main__":
     main()
