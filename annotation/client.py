@@ -64,11 +64,13 @@ class LabelStudioSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> LabelStudioSettings:
-        """LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or the admin's LABEL_STUDIO_USER_TOKEN) and
-        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, with the defaults of annotation/labelstudio/start.sh."""
+        """LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or the admin's LABEL_STUDIO_USER_TOKEN),
+        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and LABEL_STUDIO_RETRY_BUDGET_S (seconds of retrying an
+        unreachable server), with the defaults of annotation/labelstudio/start.sh."""
         api_key = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_USER_TOKEN")
         values: dict[str, Any] = {
             "url": os.environ.get("LABEL_STUDIO_URL", "http://127.0.0.1:8080"),
+            "retry_budget_s": float(os.environ.get("LABEL_STUDIO_RETRY_BUDGET_S", cls.retry_budget_s)),
             "api_key": api_key or "needles-dev-token-0123456789abcdef",
             "document_root": Path(
                 os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "data/labelstudio-files")

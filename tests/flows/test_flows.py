@@ -99,3 +99,27 @@ def test_round_suspends_survives_a_prefect_restart_and_relay_resumes(prefect_sta
         final = _wait_state(http, run_id, {"Completed"})
     assert final["state"]["type"] == "COMPLETED"
     assert (prefect_stack.workdir / "data/runs/people/annotation/curated/metadata.jsonl").is_file()
+
+
+def test_label_studio_down_when_a_round_starts_fails_with_a_clear_message(tmp_path, monkeypatch):
+    """The push task (Prefect retries it twice) gives up with one message naming the server."""
+    from annotation.client import LabelStudioError
+    from flows.curate import push_stage
+    from tests.annotation.conftest import photo_rows, pool_schema
+    from tests.conftest import free_port
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(pa.Table.from_pylist(photo_rows(["coffee", "rocket"]), schema=pool_schema()), pool / "shard-00000.parquet")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("LABEL_STUDIO_URL", dead)
+    monkeypatch.setenv("LABEL_STUDIO_RETRY_BUDGET_S", "2")
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path / "files"))
+    started = time.monotonic()
+    with pytest.raises(LabelStudioError) as failure:
+        push_stage.fn(str(pool), "generalist", 1, "down", str(tmp_path / "work"))
+    assert "127.0.0.1" in str(failure.value) and time.monotonic() - started < 30
+    assert push_stage.retries == 2
