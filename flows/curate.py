@@ -102,7 +102,15 @@ def select_stage(run_dir: str, config: str | None, pool_size: int | None) -> dic
     return _as_dict(run_select(Path(run_dir), _config(config, pool_size)))
 
 
-@task(name="report", persist_result=True)
+def _report_key(ctx, p) -> str:
+    from pipeline.layout import RunLayout
+
+    layout = RunLayout(p["run_dir"])
+    section = _config(p["config"], p["pool_size"]).report.model_dump()
+    return stage_key("report", section, [layout.select], _present(layout.report))
+
+
+@task(name="report", cache_key_fn=_report_key, persist_result=True)
 def report_stage(run_dir: str, config: str | None, pool_size: int | None) -> str:
     from pipeline.report import build_report, funnel, funnel_markdown
 
