@@ -55,7 +55,7 @@ class NodeScorer(Scorer):
 
         import ray
 
-        time.sleep(0.05)  # long enough that one node cannot take every task before the other starts
+        time.sleep(0.5)  # long enough that one node cannot finish every task before the other node's workers start
         return {"node_id": [ray.get_runtime_context().get_node_id()] * batch.num_rows}
 
 
