@@ -24,7 +24,7 @@ from annotation.curation import decide_round, pull_round, push_round, round_stat
 from annotation.export import export_curated
 from annotation.layout import curated_dir
 from annotation.rounds import ROUNDS, AnnotationError, get_round
-from annotation.simulated import SimulatedAnnotator, hash_rule
+from annotation.simulated import simulate_round
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             print(export_curated(args.pool, args.out or curated_dir(args.work)))
         elif args.command == "simulate":
-            admin = LabelStudioClient(settings)
-            for i in range(args.annotators):
-                name = f"simulated-{i + 1}@needles.local"
-                done = SimulatedAnnotator(name, f"simulated-password-{i + 1}",
-                                          hash_rule(round_, name, args.keep_fraction)).annotate(admin, round_, args.campaign)
-                print(f"{name}: {done} tasks")
+            done = simulate_round(LabelStudioClient(settings), round_, args.campaign, args.annotators, args.keep_fraction)
+            for name, count in done.items():
+                print(f"{name}: {count} tasks")
     except (LabelStudioError, AnnotationError, FileNotFoundError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

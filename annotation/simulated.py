@@ -92,3 +92,15 @@ class SimulatedAnnotator:
                     me.submit_annotation(task["id"], round_.result_from_answers(answers), self.lead_time_s)
                 done += 1
         return done
+
+
+def simulate_round(admin: LabelStudioClient, round_: Round, campaign: str, annotators: int,
+                   keep_fraction: float) -> dict[str, int]:
+    """DEMO/TEST MODE: ``annotators`` scripted users (simulated-N@needles.local) answer every open task of
+    the round by ``hash_rule``; returns how many tasks each answered."""
+    done = {}
+    for i in range(annotators):
+        email = f"simulated-{i + 1}@needles.local"
+        annotator = SimulatedAnnotator(email, f"simulated-password-{i + 1}", hash_rule(round_, email, keep_fraction))
+        done[email] = annotator.annotate(admin, round_, campaign)
+    return done

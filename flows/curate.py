@@ -14,7 +14,6 @@ answered from the cache.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from prefect.context import get_run_context
 
 from flows.caching import stage_key
 from flows.params import CurateParams
-
-log = logging.getLogger(__name__)
 
 WAITING_FILE = "waiting.json"  # RUN/annotation/<round>/waiting.json: which flow run waits on the round
 
@@ -151,24 +148,17 @@ def push_stage(pool: str, round_name: str, target: int, campaign: str, work: str
 def simulate_stage(round_name: str, target: int, campaign: str, keep_fraction: float) -> dict:
     """DEMO/TEST MODE: scripted annotators answer every open task by a fixed rule (annotation/simulated.py)."""
     from annotation.client import LabelStudioClient
-    from annotation.simulated import SimulatedAnnotator, hash_rule
+    from annotation.simulated import simulate_round
 
     round_ = _round(round_name, target)
-    admin = LabelStudioClient(_settings())
-    done = {}
-    for i in range(round_.overlap):
-        email = f"simulated-{i + 1}@needles.local"
-        annotator = SimulatedAnnotator(email, f"simulated-password-{i + 1}", hash_rule(round_, email, keep_fraction))
-        done[email] = annotator.annotate(admin, round_, campaign)
-    return done
+    return simulate_round(LabelStudioClient(_settings()), round_, campaign, round_.overlap, keep_fraction)
 
 
 @task(name="round-status", retries=2, retry_delay_seconds=10)
 def status_stage(round_name: str, target: int, campaign: str) -> dict:
     from annotation.curation import round_status
 
-    status = round_status(_round(round_name, target), campaign, _settings())
-    return {**status.to_dict(), "complete": status.complete, "remaining": status.remaining}
+    return round_status(_round(round_name, target), campaign, _settings()).to_dict()
 
 
 @task(name="pull-and-decide", retries=2, retry_delay_seconds=10)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.layout import RunLayout
-from pipeline.scorer import Scorer, ScorerError, check_chain
-
-log = logging.getLogger(__name__)
+from pipeline.scorer import Scorer, check_chain
 
 CHAIN_METADATA_KEY = b"needles.scorer_chain"
 SHARD_COLUMN = "path"  # the column Ray Data's include_paths adds: which ingest shard a row came from
@@ -363,12 +360,3 @@ def _finish_shard(layout: RunLayout, buffer: _ShardBuffer, signature: str, stats
     buffer.pieces, buffer.written = [], True
     stats.shards_scored += 1
     stats.rows_scored += scored.num_rows
-
-
-def load_scored(run_dir: Path) -> pa.Table:
-    """All score shards as one table (id + scores)."""
-    layout = RunLayout(run_dir)
-    shards = layout.score_shards()
-    if not shards:
-        raise ScorerError(f"no score shards in {layout.score}")
-    return pa.concat_tables(pq.read_table(p) for p in shards)

@@ -1,5 +1,6 @@
 """The engine: Ray Data and in-process give the same scores; reruns skip finished shards; a worker
-that dies mid-batch loses no row; a two-node cluster shares the work."""
+that dies mid-batch loses no row. (The two-node cluster test is in test_two_node.py: it needs a process in
+which no other Ray instance has run.)"""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.engine import EngineError, load_scored, score_run, score_table, setup_all
+from pipeline.engine import EngineError, score_run, score_table, setup_all
+from pipeline.layout import RunLayout
 from pipeline.scorer import Resources, Scorer, ScorerError, ScorerOptions
 from pipeline.scorers import build_chain
 from tests.builders import ingest_rows, write_ingest_run
 
 CHEAP = {"size": {}, "phash": {}, "technical": {}}
+
+
+def load_scored(run_dir: Path) -> pa.Table:
+    return pq.read_table(RunLayout(run_dir).score_shards())
 
 
 class DieOnceOptions(ScorerOptions):
@@ -40,23 +46,6 @@ class DieOnceScorer(Scorer):
             marker.write_text(str(os.getpid()))
             os._exit(1)
         return {"width_doubled": pc.multiply(pc.cast(batch.column(schema.WIDTH), pa.int64()), 2)}
-
-
-class NodeScorer(Scorer):
-    """Records which Ray node scored each row."""
-
-    name = "node"
-    input_columns = (schema.ID,)
-    output_fields = (pa.field("node_id", pa.string()),)
-    resources = Resources(num_cpus=0.5, batch_size=5)
-
-    def score(self, batch):
-        import time
-
-        import ray
-
-        time.sleep(0.5)  # long enough that one node cannot finish every task before the other node's workers start
-        return {"node_id": [ray.get_runtime_context().get_node_id()] * batch.num_rows}
 
 
 def test_local_backend_scores_every_row_and_skips_on_rerun(tmp_path):
@@ -144,24 +133,3 @@ def test_scorer_output_is_checked():
         Short()(ingest_rows(3))
     empty = score_table(ingest_rows(3).slice(0, 0), build_chain({"size": {}}))
     assert empty.num_rows == 0 and schema.ASPECT_RATIO in empty.column_names
-
-
-def test_two_node_cluster_spreads_the_work(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        ray.init(address=cluster.address)
-        write_ingest_run(tmp_path, n=60, shard_rows=10, row_group_rows=5)
-        stats = score_run(tmp_path, build_chain({"size": {}}) + [NodeScorer()], backend="ray")
-        scored = load_scored(tmp_path)
-        assert stats.rows_scored == 60 and scored.num_rows == 60
-        nodes = set(scored["node_id"].to_pylist())
-        assert nodes == {n["NodeID"] for n in ray.nodes()}, f"work ran on {len(nodes)} of 2 nodes"
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
