@@ -51,6 +51,27 @@ def test_counts_equal_readtext_and_catch_overlaid_text(ocr, images):
     assert all(0.0 < a < 0.5 for a in areas[len(clean) :])
 
 
+#: real COCO photos with small scene text (signs, jerseys, labels: 1-4 words per readtext, half-size CRAFT
+#: region score 0.02-0.17, which a downscaled text-presence gate misses) and two without text
+COCO_SCENE_TEXT = ("000000000139.jpg", "000000034417.jpg", "000000145311.jpg", "000000160012.jpg",
+                   "000000161044.jpg", "000000174632.jpg", "000000192699.jpg")
+COCO_NO_TEXT = ("000000358083.jpg", "000000358427.jpg")
+
+
+def test_counts_equal_readtext_on_small_scene_text_in_real_photos(ocr, shared_dir):
+    from pipeline.imageio import inspect_image
+
+    folder = shared_dir / "data/coco-mini/images"
+    thumbs = [inspect_image((folder / name).read_bytes(), schema.THUMBNAIL_SIZE).thumbnail
+              for name in COCO_SCENE_TEXT + COCO_NO_TEXT]
+    counts = ocr(table(thumbs)).column(schema.OCR_WORD_COUNT).to_pylist()
+    reference = [sum(len(text.split()) for text in ocr.reader.readtext(np.asarray(Image.open(io.BytesIO(t)).convert("RGB")), detail=0))
+                 for t in thumbs]
+    assert counts == reference
+    assert all(c >= 1 for c in counts[: len(COCO_SCENE_TEXT)]), counts
+    assert counts[len(COCO_SCENE_TEXT):] == [0, 0]
+
+
 def test_grey_alpha_and_tiny_thumbnails(ocr):
     base, _ = with_text(photo("astronaut"), seed=3, lines=2)
     grey = base.convert("L")
