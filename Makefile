@@ -10,6 +10,10 @@ CONFIG ?=
 PRESET ?= $(shell $(PY) -c "import torch; print('sd15' if torch.cuda.is_available() else 'tiny')" 2>/dev/null || echo tiny)
 # the newest curated set the curate flow exported (override: make train-qt CURATED=path);
 # SET="key=value ..." overrides preset fields (python -m model train-qt --help)
+# GPUS=n: data-parallel training, one process per GPU (torchrun; on a machine without CUDA the processes
+# use the CPU over gloo)
+GPUS ?= 1
+TRAIN_LAUNCH = $(if $(filter 1,$(GPUS)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS))
 CURATED ?= $(shell $(PY) -c "from pathlib import Path; from flows.train import latest_curated; print(latest_curated(Path('$(DATA)')))" 2>/dev/null)
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -63,7 +67,7 @@ pipeline-demo: sample
 
 train-qt: install
 	@test -n "$(CURATED)" || { echo "no curated set under $(DATA)/: run 'make demo' or pass CURATED=path"; exit 2; }
-	$(PY) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s))
+	$(TRAIN_LAUNCH) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s))
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))

@@ -6,7 +6,9 @@
     python -m model sample    --checkpoint OUT/quality_tune/best --prompt "a red fox" --out fox.png
 
 ``--set key=value`` overrides any config field (``--set quality_tune.max_steps=500``). Multi-GPU:
-``accelerate launch -m model train-qt ...`` (the loop runs under accelerate).
+``torchrun --nproc_per_node 8 -m model train-qt ...`` (``make train-qt GPUS=8``) or ``accelerate launch -m
+model train-qt ...``: the loop runs under accelerate; rank 0 alone trains the autoencoder, encodes the
+latent cache and writes checkpoints, grids and reports.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
 
         result = train_quality_tuned(args.data, args.out, args.preset, base=args.base, pool_dir=args.pool,
                                      overrides=args.overrides)
+        if not _is_main_process():
+            return 0  # under a multi-process launch, rank 0 reports
         qt = result.stages[-1]
         print(f"quality-tuned checkpoint (best, step {qt.best_step}): {result.checkpoint}")
         print(f"final checkpoint (step {qt.steps}, stopped: {qt.stopped}): {qt.final}")
@@ -70,8 +74,13 @@ def _run(args: argparse.Namespace) -> int:
         from model.train import ensure_autoencoder, load_frozen, pretrain
 
         cfg = load_config(args.preset, args.overrides)
-        ensure_autoencoder(cfg, args.data, args.out)
+        from model.train import process_state
+
+        with process_state().main_process_first():  # rank 0 trains the autoencoder; the others load it
+            ensure_autoencoder(cfg, args.data, args.out)
         results = pretrain(cfg, args.data, args.out, load_frozen(cfg, args.out / "autoencoder"))
+        if not _is_main_process():
+            return 0
         for r in results:
             print(f"{r.stage}: {r.steps} steps ({r.stopped}); checkpoint {r.final}")
         return 0
@@ -85,6 +94,12 @@ def _run(args: argparse.Namespace) -> int:
               (f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}" if metrics else "already trained"))
         return 0
     return _sample(args)
+
+
+def _is_main_process() -> bool:
+    from model.train import process_state
+
+    return process_state().is_main_process
 
 
 def _sample(args: argparse.Namespace) -> int:

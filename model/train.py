@@ -68,6 +68,8 @@ class StageResult:
     best_step: int | None
     best_val_loss: float | None
     data_report: dict = field(default_factory=dict)
+    processes: int = 1  # data-parallel processes (GPUs) that trained it
+    accumulation_steps: int = 1  # micro-batches per optimizer step in each process
 
 
 @dataclass
@@ -270,6 +272,23 @@ def sample_grid(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height
 # --- one stage ---------------------------------------------------------------------------------------
 
 
+def process_state():
+    """accelerate's view of the processes (``accelerate launch`` / torchrun start one per device). Without
+    CUDA they talk over gloo on the CPU, as ``accelerate launch --cpu`` would set up. A launch that
+    asked for several processes but did not get a process group is refused: each copy would train
+    alone and they would overwrite each other's files."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
+                           f"{state.num_processes} ({state.distributed_type}); check the launcher's settings")
+    return state
+
+
+
 def prepare_cache(cfg: Config, stage: StageConfig, data_dir: Path, frozen: Frozen, cache_root: Path) -> LatentCache:
     items, report = read_captioned(data_dir, cfg.data.missing_captions)
     if len(items) < stage.min_images:
@@ -291,14 +310,17 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
               init_from: Path | None = None, sample_scorer: SampleScorer | None = None,
               progress: bool = True) -> StageResult:
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    cache = prepare_cache(cfg, stage, Path(data_dir), frozen, out_dir.parent / "cache")
+    with process_state().main_process_first():  # rank 0 encodes the cache; the others then reuse it
+        cache = prepare_cache(cfg, stage, Path(data_dir), frozen, out_dir.parent / "cache")
     train_idx, val_idx = split_validation(cache.sizes, stage.val_fraction, cfg.seed)
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=out_dir / "tb")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=out_dir / "tb",
+                              cpu=process_state().device.type == "cpu")
     world = accelerator.num_processes
     if stage.batch_size % (stage.micro_batch * world):
         raise ValueError(f"batch_size {stage.batch_size} is not a multiple of micro_batch {stage.micro_batch} x "
@@ -440,9 +462,11 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
         if state["step"] % stage.eval_every == 0 or done:
             val = evaluate(state["step"])
             score = None
-            if sample_scorer is not None:
+            if sample_scorer is not None and accelerator.is_main_process:
                 path, score = sample(state["step"])
                 grids.append(path)
+            # rank 0's figures decide for every rank, so all stop (and save) at the same step
+            val, score = broadcast_object_list([val, score], from_process=0)
             # with a scorer, "better" is the sample score; otherwise the held-out loss
             metric = -score if score is not None else val
             state["history"].append({"step": state["step"], "val_loss": val, "sample_score": score})
@@ -466,15 +490,19 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
             prune_checkpoints(ckpt_root, stage.keep_checkpoints)
         if stopped != "max_steps":
             break
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage needs
+        tracker.finish()
 
     final = export("final") if accelerator.is_main_process and state["step"] > 0 else out_dir / "final"
     best = out_dir / "best" if (out_dir / "best").is_dir() else final
     result = StageResult(stage=stage.name, out_dir=out_dir, checkpoint=best, final=final, grids=grids,
                          steps=state["step"], stopped=stopped, best_step=state["best_step"],
-                         best_val_loss=state["best_val"], data_report=cache.meta["report"])
-    (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"history": state["history"]}, default=str,
-                                                    indent=1))
+                         best_val_loss=state["best_val"], data_report=cache.meta["report"], processes=world,
+                         accumulation_steps=accumulation)
+    if accelerator.is_main_process:
+        (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"history": state["history"]},
+                                                        default=str, indent=1))
+    accelerator.wait_for_everyone()  # every rank returns once final/ and report.json exist
     return result
 
 
@@ -548,8 +576,11 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
     cfg = load_config(preset, overrides)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.yaml")
-    ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)
+    ranks = process_state()  # under `accelerate launch` / torchrun: one process per device
+    if ranks.is_main_process:
+        cfg.save(out_dir / "config.yaml")
+    with ranks.main_process_first():  # rank 0 trains the autoencoder; the others then load it
+        ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)
     frozen = load_frozen(cfg, out_dir / "autoencoder")
     stages: list[StageResult] = []
     base_path = Path(base) if base else pretrained_base(cfg, out_dir)
