@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from model.data import DataError
+    from pipeline.weights import WeightsError
 
     try:
         return _run(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

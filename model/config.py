@@ -162,6 +162,33 @@ class DataConfig(_Strict):
     bucket_aspect_ratios: list[float] = [1.0, 0.75, 1.333, 0.5625, 1.778]
 
 
+class SampleScoreConfig(_Strict):
+    """The automatic score of the fixed-prompt samples, the early-stopping signal of quality-tuning when
+    set (Emu §3.3 stops early; the signal here is what the curation pipeline's own scorers say of the
+    samples): the mean LAION aesthetic score of the images and/or their mean CLIP score against their
+    prompts, computed by ``pipeline/scorers`` (same models, same weights resolution, same offline rules).
+
+    ``metric``: ``aesthetic``, ``clip_score`` or ``aesthetic+clip`` (= aesthetic + clip_weight ×
+    clip_score). ``clip`` and ``aesthetic`` are the options of the pipeline's ``clip`` and ``aesthetic``
+    scorers (``python -m pipeline score --help``), checked when the config loads."""
+
+    metric: Literal["aesthetic", "clip_score", "aesthetic+clip"] = "aesthetic+clip"
+    clip_weight: float = Field(10.0, ge=0)  # cosines move over ~0.1 where aesthetic scores move over ~1
+    clip: dict[str, Any] = {"model": "ViT-L-14", "pretrained": "openai"}
+    aesthetic: dict[str, Any] = {"head": "improved_sac+logos+ava1-l14-linearMSE"}
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleScoreConfig":
+        from pipeline.scorers import scorer_class
+
+        for name in ("clip", "aesthetic"):
+            try:
+                scorer_class(name).Options.model_validate(getattr(self, name))
+            except Exception as e:
+                raise ValueError(f"sample.score.{name}: {e}") from e
+        return self
+
+
 class SampleConfig(_Strict):
     prompts: list[str] = [
         "a photo of a red fox in the snow",
@@ -172,6 +199,9 @@ class SampleConfig(_Strict):
     num_inference_steps: int = 25
     guidance_scale: float = 5.0
     seed: int = 0
+    # the automatic score of each evaluation's samples, which then decides early stopping and the best
+    # checkpoint of quality-tuning instead of the held-out loss; null = held-out loss only
+    score: SampleScoreConfig | None = None
 
 
 class Config(_Strict):

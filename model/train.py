@@ -49,7 +49,9 @@ from model.text import encode_prompts, load_text_encoder
 
 log = logging.getLogger(__name__)
 
-SampleScorer = Callable[[list, list[str]], float]  # (PIL images, prompts) -> higher is better
+# (PIL images, prompts) -> a score, higher is better, or {"score": ..., other parts logged beside it}
+# (model.evaluation.PipelineSampleScorer, built from the config's sample.score)
+SampleScorer = Callable[[list, list[str]], "float | dict[str, float]"]
 
 
 class CheckpointError(RuntimeError):
@@ -389,7 +391,7 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
             ema.restore(model.parameters())
         return sum(losses) / len(losses)
 
-    def sample(step: int) -> tuple[Path, float | None]:
+    def sample(step: int) -> tuple[Path, dict[str, float]]:
         model = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.store(model.parameters())
@@ -403,8 +405,8 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = math.ceil(math.sqrt(len(images)))
         make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols).save(path)
-        score = sample_scorer(images, cfg.sample.prompts) if sample_scorer else None
-        return path, score
+        scores = sample_scorer(images, cfg.sample.prompts) if sample_scorer else {}
+        return path, scores if isinstance(scores, dict) else {"score": float(scores)}
 
     def export(name: str) -> Path:
         model = accelerator.unwrap_model(unet)
@@ -461,17 +463,19 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
         done = state["step"] == stage.max_steps
         if state["step"] % stage.eval_every == 0 or done:
             val = evaluate(state["step"])
-            score = None
+            scores: dict[str, float] = {}
             if sample_scorer is not None and accelerator.is_main_process:
-                path, score = sample(state["step"])
+                path, scores = sample(state["step"])
                 grids.append(path)
             # rank 0's figures decide for every rank, so all stop (and save) at the same step
-            val, score = broadcast_object_list([val, score], from_process=0)
+            val, scores = broadcast_object_list([val, scores], from_process=0)
+            score = scores.get("score")
             # with a scorer, "better" is the sample score; otherwise the held-out loss
             metric = -score if score is not None else val
-            state["history"].append({"step": state["step"], "val_loss": val, "sample_score": score})
-            accelerator.log({"val_loss": val, **({"sample_score": score} if score is not None else {})},
-                            step=state["step"])
+            logged = {"val_loss": val, **{("sample_score" if k == "score" else f"sample_{k}"): v
+                                          for k, v in scores.items()}}
+            state["history"].append({"step": state["step"], "sample_score": None} | logged)
+            accelerator.log(logged, step=state["step"])
             if state["best_val"] is None or metric < state["best_val"] - 1e-6:
                 state["best_val"], state["best_step"], state["bad_evals"] = metric, state["step"], 0
                 if accelerator.is_main_process:
@@ -579,6 +583,11 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
     ranks = process_state()  # under `accelerate launch` / torchrun: one process per device
     if ranks.is_main_process:
         cfg.save(out_dir / "config.yaml")
+        if sample_scorer is None and cfg.sample.score is not None:
+            from model.evaluation import PipelineSampleScorer
+
+            # loads CLIP and the aesthetic head now: missing weights fail before any training
+            sample_scorer = PipelineSampleScorer(cfg.sample.score)
     with ranks.main_process_first():  # rank 0 trains the autoencoder; the others then load it
         ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)
     frozen = load_frozen(cfg, out_dir / "autoencoder")
