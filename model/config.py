@@ -65,10 +65,14 @@ class AutoencoderConfig(_Strict):
 
 
 class TextEncoderConfig(_Strict):
-    """Frozen CLIP text encoder. ``path`` = a transformers CLIPTextModel + CLIPTokenizer path or name (e.g.
-    ``openai/clip-vit-large-patch14``). ``path: null`` builds a TINY RANDOMLY-INITIALISED encoder from the
-    ``tiny_*`` fields, for CPU tests and smoke runs only: its embeddings carry no meaning."""
+    """The frozen text encoder the UNet cross-attends to. ``kind: clip`` (default): a transformers
+    CLIPTextModel + CLIPTokenizer path or name (e.g. ``openai/clip-vit-large-patch14``); ``kind: t5``: the
+    encoder of a T5 checkpoint (T5EncoderModel + its tokenizer, e.g. ``google/t5-v1_1-xl``; Emu and
+    Imagen-style models condition on T5 for long, compositional prompts; raise ``max_length`` to 120-256
+    for it). ``path: null`` builds a TINY RANDOMLY-INITIALISED encoder of that kind from the ``tiny_*``
+    fields, for CPU tests and smoke runs only: its embeddings carry no meaning."""
 
+    kind: Literal["clip", "t5"] = "clip"
     path: str | None = None
     max_length: int = 77
     tiny_hidden_size: int = 32

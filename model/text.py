@@ -1,11 +1,13 @@
-"""The frozen text encoder: CLIP text (transformers) from the user's path/name, or a TINY
-RANDOMLY-INITIALISED one built from config for CPU tests and smoke runs (no CLIP weights are needed or
-downloaded; its embeddings mean nothing, which is fine for testing the training machinery)."""
+"""The frozen text encoder: CLIP text or a T5 encoder (transformers) from the user's path/name, or a
+TINY RANDOMLY-INITIALISED one of either kind built from config for CPU tests and smoke runs (no weights
+are needed or downloaded; its embeddings mean nothing, which is fine for testing the training machinery).
+Both give the UNet the encoder's last hidden states, padded to ``max_length`` as the stock pipelines do."""
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase, T5Config, T5EncoderModel)
 
 from model.config import TextEncoderConfig
 
@@ -36,14 +38,31 @@ def tiny_random_clip_text_model(cfg: TextEncoderConfig, vocab_size: int, seed: i
         return CLIPTextModel(config)
 
 
-def load_text_encoder(cfg: TextEncoderConfig, seed: int = 0) -> tuple[CLIPTokenizer, CLIPTextModel]:
+def tiny_random_t5_encoder(cfg: TextEncoderConfig, vocab_size: int, seed: int = 0) -> T5EncoderModel:
+    """T5EncoderModel built from a small T5Config with random weights (seeded like the CLIP one). It is paired
+    with the tiny character tokenizer above: a real T5 sentencepiece vocabulary is not needed to exercise
+    the encoder's plumbing (width, padding, export and loading)."""
+    config = T5Config(vocab_size=vocab_size, d_model=cfg.tiny_hidden_size, d_kv=cfg.tiny_hidden_size // cfg.tiny_heads,
+                      d_ff=cfg.tiny_hidden_size * 2, num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads,
+                      pad_token_id=1, eos_token_id=1, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(config)
+
+
+def load_text_encoder(cfg: TextEncoderConfig, seed: int = 0) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, frozen text encoder in eval mode)."""
-    if cfg.path:
+    if cfg.path and cfg.kind == "t5":
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, subfolder=_sub(cfg.path, "tokenizer"),
+                                                  model_max_length=cfg.max_length)
+        model = T5EncoderModel.from_pretrained(cfg.path, subfolder=_sub(cfg.path, "text_encoder"))
+    elif cfg.path:
         tokenizer = CLIPTokenizer.from_pretrained(cfg.path, subfolder=_sub(cfg.path, "tokenizer"))
         model = CLIPTextModel.from_pretrained(cfg.path, subfolder=_sub(cfg.path, "text_encoder"))
     else:
         tokenizer = tiny_random_clip_tokenizer(cfg.max_length)
-        model = tiny_random_clip_text_model(cfg, len(tokenizer), seed)
+        build = tiny_random_t5_encoder if cfg.kind == "t5" else tiny_random_clip_text_model
+        model = build(cfg, len(tokenizer), seed)
     model.requires_grad_(False)
     return tokenizer, model.eval()
 
@@ -57,7 +76,7 @@ def _sub(path: str, name: str) -> str | None:
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, prompts: list[str]) -> torch.Tensor:
     """Last hidden states (B, max_length, width): what UNet2DConditionModel cross-attends to, padded to
     the full length exactly as the stock pipelines do at sampling time."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
