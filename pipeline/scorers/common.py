@@ -6,7 +6,7 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,25 +20,35 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-def decode_thumbnails(batch: pa.RecordBatch):
-    """The batch's thumbnails as RGB PIL images (grey, palette and alpha inputs become RGB).
+def decode_thumbnail(row_id, data: bytes | None):
+    """One thumbnail as an RGB PIL image (grey, palette and alpha inputs become RGB).
 
     Ingest wrote every thumbnail, so one that does not decode is an upstream bug: fail the batch with
     the row's id rather than score it as "no text" or "safe"."""
     from PIL import Image
 
+    if data is None:
+        raise ScorerError(f"row {row_id}: thumbnail is null")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as error:  # PIL raises several types for bad bytes
+        raise ScorerError(f"row {row_id}: thumbnail does not decode: {error}") from error
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_thumbnails(batch: pa.RecordBatch, transform: Callable | None = None, pool=None) -> list:
+    """The batch's thumbnails as RGB PIL images (``decode_thumbnail``), each passed through ``transform``
+    when given. With ``pool`` (a ThreadPoolExecutor) rows are decoded in its threads: Pillow's decoders
+    and resamplers release the GIL, so one GPU actor can keep its device fed from several cores."""
     ids = batch.column(schema.ID).to_pylist() if schema.ID in batch.schema.names else [None] * batch.num_rows
-    images = []
-    for row_id, data in zip(ids, batch.column(schema.THUMBNAIL).to_pylist()):
-        if data is None:
-            raise ScorerError(f"row {row_id}: thumbnail is null")
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception as error:  # PIL raises several types for bad bytes
-            raise ScorerError(f"row {row_id}: thumbnail does not decode: {error}") from error
-        images.append(image if image.mode == "RGB" else image.convert("RGB"))
-    return images
+
+    def one(row: tuple) -> Any:
+        image = decode_thumbnail(*row)
+        return transform(image) if transform is not None else image
+
+    rows = zip(ids, batch.column(schema.THUMBNAIL).to_pylist())
+    return list(pool.map(one, rows)) if pool is not None else [one(row) for row in rows]
 
 
 def embeddings_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:

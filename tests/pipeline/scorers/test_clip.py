@@ -4,6 +4,7 @@ no CLIP weights exist offline). Checks the plumbing the real ViT-L/14 goes throu
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import schema
@@ -90,3 +91,22 @@ def test_out_of_memory_halves_the_batch_and_logs_it(caplog):
     assert [x for chunk in seen for x in chunk] == list(range(10))  # every item once, in order
     assert max(len(c) for c in seen) == 2
     assert "retrying with batches of 4" in caplog.text and "retrying with batches of 2" in caplog.text
+
+
+def test_decode_threads_give_the_same_columns_and_name_a_bad_row(tiny_clip, clip):
+    """Thumbnails decoded and preprocessed in the actor's threads (what keeps a GPU fed) score exactly as
+    the one-thread path does; a thumbnail that does not decode still names its row."""
+    from pipeline.scorer import ScorerError
+
+    threaded = build_scorer("clip", tiny_clip | {"decode_threads": 3})
+    threaded.setup()
+    assert threaded.resources.num_cpus == 3 and clip.resources.num_cpus == 1
+    names = ["astronaut", "chelsea", "coffee", "rocket", "horse", "cat", "camera"]
+    batch = table([photo(n) for n in names], [f"a photo of a {n}" for n in names])
+    one, three = clip(batch), threaded(batch)
+    for column in (schema.CLIP_IMAGE_EMBEDDING, schema.CLIP_TEXT_EMBEDDING, schema.CLIP_SCORE):
+        assert three.column(column).to_pylist() == one.column(column).to_pylist()
+
+    broken = batch.set_column(1, schema.THUMBNAIL, pa.array([b"not a jpeg"] * batch.num_rows, pa.binary()))
+    with pytest.raises(ScorerError, match="row row-0: thumbnail does not decode"):
+        threaded(broken)
