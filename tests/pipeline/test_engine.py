@@ -133,3 +133,16 @@ def test_scorer_output_is_checked():
         Short()(ingest_rows(3))
     empty = score_table(ingest_rows(3).slice(0, 0), build_chain({"size": {}}))
     assert empty.num_rows == 0 and schema.ASPECT_RATIO in empty.column_names
+
+
+def test_a_gpu_actor_asks_for_its_decode_threads_but_leaves_cpus_for_the_reads():
+    from pipeline.engine import _actor_cpus
+    from pipeline.scorers import build_scorer
+
+    clip = build_scorer("clip", {"device": "cuda", "checkpoint": "unused.pt", "pretrained": None})
+    assert clip.resources.num_gpus == 1 and clip.resources.num_cpus == 8  # 8 decode threads on CUDA
+    assert _actor_cpus(clip, {"CPU": 128, "GPU": 8}) == 8  # 16 CPUs per GPU: room for all 8
+    assert _actor_cpus(clip, {"CPU": 16, "GPU": 4}) == 3  # 4 per GPU: 3, one left for reads
+    assert _actor_cpus(clip, {"CPU": 4, "GPU": 4}) == 1
+    ocr = build_scorer("ocr", {"device": "cpu"})
+    assert _actor_cpus(ocr, {"CPU": 2}) == ocr.resources.num_cpus == 1

@@ -97,3 +97,15 @@ def test_missing_weights_is_one_clear_error(tmp_path):
     scorer = build_scorer("ocr", {"model_dir": str(tmp_path)})
     with pytest.raises(WeightsError, match="craft_mlt_25k.pth"):
         scorer.setup()
+
+
+def test_decode_threads_give_the_same_counts_and_areas(ocr, images):
+    """Decode, resize and normalise in the actor's threads (what feeds a GPU): same columns as one thread."""
+    threaded = build_scorer("ocr", {"device": "cpu", "decode_threads": 2})
+    threaded.setup()
+    assert threaded.resources.num_cpus == 2 and ocr.resources.num_cpus == 1
+    clean, texts = images
+    batch = table(clean + [t for t, _ in texts])
+    one, two = ocr(batch), threaded(batch)
+    for column in (schema.OCR_WORD_COUNT, schema.OCR_TEXT_AREA):
+        assert two.column(column).to_pylist() == one.column(column).to_pylist()
