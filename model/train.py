@@ -40,7 +40,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
 from model import diffusion as D
-from model.autoencoder import (ChannelMismatchError, build_kl_autoencoder, decode_latents, downsample_factor,
+from model.autoencoder import (ChannelMismatchError, decode_latents, downsample_factor,
                                encode_latents, latent_channels, load_autoencoder, train_autoencoder)
 from model.config import Config, StageConfig, load_config
 from model.data import (BalancedBucketSampler, DataError, LatentCache, build_cache, crop_to_bucket,
@@ -288,7 +288,6 @@ def process_state():
         raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
                            f"{state.num_processes} ({state.distributed_type}); check the launcher's settings")
     return state
-
 
 
 def prepare_cache(cfg: Config, stage: StageConfig, data_dir: Path, frozen: Frozen, cache_root: Path) -> LatentCache:

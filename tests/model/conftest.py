@@ -9,7 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from model.autoencoder import build_kl_autoencoder
+from model.config import load_config
+from model.text import load_text_encoder
+from model.train import Frozen
 
 PHOTOS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee on a saucer",
           "chelsea": "a tabby cat looking to the side", "rocket": "a rocket on the launch pad",
@@ -70,3 +76,27 @@ def write_parquet(path: Path, n: int) -> Path:
 @pytest.fixture
 def curated(tmp_path) -> Path:
     return write_imagefolder(tmp_path / "curated", 12)
+
+
+# the training tests' tiny config and its frozen models
+FAST = ["quality_tune.pixel_loss_weight=0.0", "quality_tune.eval_every=2", "quality_tune.sample_every=100", "quality_tune.checkpoint_every=2",
+        "quality_tune.batch_size=4", "quality_tune.val_fraction=0.2", "sample.num_inference_steps=2",
+        "sample.prompts=['a fox', 'a cat']"]
+
+
+def tiny(*overrides: str):
+    return load_config("tiny", FAST + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def frozen() -> Frozen:
+    cfg = tiny()
+    tokenizer, text_encoder = load_text_encoder(cfg.text_encoder, cfg.seed)
+    torch.manual_seed(0)
+    vae = build_kl_autoencoder(cfg.autoencoder).eval().requires_grad_(False)  # tiny random autoencoder
+    return Frozen(tokenizer, text_encoder, vae)
+
+
+@pytest.fixture(scope="module")
+def curated_dir(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("curated"), 12)

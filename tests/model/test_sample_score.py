@@ -19,8 +19,7 @@ from model.config import SampleScoreConfig, load_config
 from model.evaluation import PipelineSampleScorer
 from model.pipeline import load_pipeline
 from model.train import Frozen, run_stage, sample_grid
-from tests.model.conftest import photo_variants
-from tests.model.test_train import FAST, curated_dir, frozen  # noqa: F401  (fixtures)
+from tests.model.conftest import FAST, photo_variants
 
 TINY_CLIP = "tiny-random-clip-768"
 HEAD = "weights/aesthetic/improved_sac+logos+ava1-l14-linearMSE.pth"

@@ -10,7 +10,7 @@ from model.autoencoder import build_kl_autoencoder
 from model.pipeline import load_pipeline
 from model.text import encode_prompts, load_text_encoder
 from model.train import Frozen, run_stage
-from tests.model.test_train import curated_dir, tiny  # noqa: F401  (fixture)
+from tests.model.conftest import tiny
 
 
 def test_t5_encoder_conditions_the_unet_and_the_checkpoint_samples(curated_dir, tmp_path):

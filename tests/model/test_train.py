@@ -11,35 +11,19 @@ import pytest
 import torch
 
 from model.autoencoder import ChannelMismatchError, build_kl_autoencoder
-from model.config import load_config
 from model.data import DataError
 from model.pipeline import load_pipeline
-from model.text import load_text_encoder
-from model.train import (CheckpointError, Frozen, _generator, build_unet, diffusion_loss, load_base_unet, run_stage,
-                         training_alphas_cumprod)
-from tests.model.conftest import write_imagefolder
-
-FAST = ["quality_tune.pixel_loss_weight=0.0", "quality_tune.eval_every=2", "quality_tune.sample_every=100", "quality_tune.checkpoint_every=2",
-        "quality_tune.batch_size=4", "quality_tune.val_fraction=0.2", "sample.num_inference_steps=2",
-        "sample.prompts=['a fox', 'a cat']"]
-
-
-def tiny(*overrides: str):
-    return load_config("tiny", FAST + list(overrides))
-
-
-@pytest.fixture(scope="module")
-def frozen() -> Frozen:
-    cfg = tiny()
-    tokenizer, text_encoder = load_text_encoder(cfg.text_encoder, cfg.seed)
-    torch.manual_seed(0)
-    vae = build_kl_autoencoder(cfg.autoencoder).eval().requires_grad_(False)  # tiny random autoencoder
-    return Frozen(tokenizer, text_encoder, vae)
-
-
-@pytest.fixture(scope="module")
-def curated_dir(tmp_path_factory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("curated"), 12)
+from model.train import (
+    CheckpointError,
+    Frozen,
+    _generator,
+    build_unet,
+    diffusion_loss,
+    load_base_unet,
+    run_stage,
+    training_alphas_cumprod,
+)
+from tests.model.conftest import tiny, write_imagefolder
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
