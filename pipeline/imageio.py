@@ -151,7 +151,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageProblem("unsupported_mode", f"cannot convert mode {mode} to RGB: {exc}") from exc
 
 
-def make_thumbnail(image: Image.Image, size: int, orientation: int = 1) -> bytes:
+def make_thumbnail(image: Image.Image, size: int, orientation: int = 1,
+                   resample: Image.Resampling = Image.Resampling.BOX) -> bytes:
     """Decode ``image`` (opened, not yet loaded) at reduced scale and return an upright RGB JPEG whose
     longest side is ``size`` (smaller images are kept at their size: upscaling adds no information)."""
     if image.format in ("JPEG", "MPO"):
@@ -164,24 +165,25 @@ def make_thumbnail(image: Image.Image, size: int, orientation: int = 1) -> bytes
         image = ImageOps.exif_transpose(image)
     if image.mode not in ("RGB", "L", "CMYK"):
         image = to_rgb(image)  # before resampling: palette, bilevel and 16-bit modes cannot be resampled as is
-    # Pillow's BILINEAR resize is a triangle filter widened to the scale factor, so it antialiases like
-    # BICUBIC does, at 2/3 of the cost (the resize is the largest cost of ingest); every model stage
-    # resamples this thumbnail again with its own preprocessing.
-    image.thumbnail((size, size), Image.Resampling.BILINEAR)
+    # Pillow's BOX resize averages each output pixel's footprint (area resampling, what OpenCV's
+    # INTER_AREA and img2dataset's downscaling do), so it antialiases at any scale; it costs 3/4 of
+    # BILINEAR's widened triangle filter (1.22 vs 1.61 ms for 640 -> 512 px here), and the resize is the
+    # largest cost of ingest. Every model stage resamples this thumbnail again with its own preprocessing.
+    image.thumbnail((size, size), resample)
     image = to_rgb(image)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
     return out.getvalue()
 
 
-def inspect_image(data: bytes, thumbnail_size: int) -> ImageInfo:
+def inspect_image(data: bytes, thumbnail_size: int, resample: Image.Resampling = Image.Resampling.BOX) -> ImageInfo:
     """Hash, header and thumbnail of one encoded image. Raises ImageProblem with a quarantine reason."""
     image = _open(data)
     orientation = _orientation(image)
     width, height = _oriented_size(image, orientation)
     fmt = image.format
     try:
-        thumbnail = make_thumbnail(image, thumbnail_size, orientation)
+        thumbnail = make_thumbnail(image, thumbnail_size, orientation, resample)
     except ImageProblem:
         raise
     except Image.DecompressionBombError as exc:  # e.g. a GIF frame larger than its header declared

