@@ -146,10 +146,6 @@ class StageConfig(_Strict):
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch
-
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
         if self.batch_size % self.micro_batch:

@@ -177,7 +177,8 @@ def build_cache(items: list[CaptionedImage], cache_dir: Path, resolution: int, a
     from tqdm import tqdm
 
     keys_hash = hashlib.sha256("\n".join(f"{i.key}\t{i.caption}" for i in items).encode()).hexdigest()[:12]
-    fingerprint = f"{fingerprint}-{resolution}-{keys_hash}"
+    # everything the cached tensors and their bucket assignment depend on
+    fingerprint = f"{fingerprint}-{resolution}-{sorted(aspect_ratios)}-{min_per_bucket}-{keys_hash}"
     marker = cache_dir / "complete.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return LatentCache(cache_dir)

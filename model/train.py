@@ -22,10 +22,12 @@ Output of a stage directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,7 +70,8 @@ class StageResult:
     steps: int
     stopped: str  # "max_steps" | "early_stopping" | "nan at step N"
     best_step: int | None
-    best_val_loss: float | None
+    best_val_loss: float | None  # held-out loss at best_step
+    best_sample_score: float | None = None  # sample score at best_step (when sample.score chose it)
     data_report: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel processes (GPUs) that trained it
     accumulation_steps: int = 1  # micro-batches per optimizer step in each process
@@ -234,12 +237,17 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def export_pipeline(out: Path, unet, frozen: Frozen, cfg: Config, scaling_factor: float) -> Path:
-    """A StableDiffusionPipeline folder; ``model.pipeline.load_pipeline(out)`` loads it (see there)."""
+def stock_pipeline(unet, frozen: Frozen, cfg: Config, scaling_factor: float) -> StableDiffusionPipeline:
+    """The stock diffusers pipeline around ``unet`` and the frozen models (what is saved and sampled)."""
     frozen.vae.register_to_config(scaling_factor=scaling_factor)
-    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
+    return StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
                                    unet=unet, scheduler=sampling_scheduler(cfg), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def export_pipeline(out: Path, unet, frozen: Frozen, cfg: Config, scaling_factor: float) -> Path:
+    """A StableDiffusionPipeline folder; ``model.pipeline.load_pipeline(out)`` loads it (see there)."""
+    pipe = stock_pipeline(unet, frozen, cfg, scaling_factor)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
@@ -258,10 +266,7 @@ def export_pipeline(out: Path, unet, frozen: Frozen, cfg: Config, scaling_factor
 def sample_grid(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height: int, width: int,
                 prompts: list[str] | None = None, steps: int | None = None):
     """Images of the fixed prompts (seeded), as a list of PIL images."""
-    frozen.vae.register_to_config(scaling_factor=scaling_factor)
-    pipe = StableDiffusionPipeline(vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
-                                   unet=unet, scheduler=sampling_scheduler(cfg), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = stock_pipeline(unet, frozen, cfg, scaling_factor)
     pipe.set_progress_bar_config(disable=True)
     prompts = prompts or cfg.sample.prompts
     gen = torch.Generator().manual_seed(cfg.sample.seed)
@@ -297,8 +302,8 @@ def prepare_cache(cfg: Config, stage: StageConfig, data_dir: Path, frozen: Froze
                         f"caption skipped); stage {stage.name} needs at least {stage.min_images}")
     cache = build_cache(
         items, cache_root / f"{cfg.model_hash()}-{stage.resolution}", stage.resolution, cfg.data.bucket_aspect_ratios,
-        encode_images=lambda x: encode_latents(frozen.vae, x),
-        encode_text=lambda p: encode_prompts(frozen.tokenizer, frozen.text_encoder, p),
+        encode_images=lambda x: encode_latents(frozen.vae, x.to(frozen.vae.device)).cpu(),
+        encode_text=lambda p: encode_prompts(frozen.tokenizer, frozen.text_encoder, p).cpu(),
         fingerprint=cfg.model_hash(), min_per_bucket=stage.micro_batch, report=report)
     if len(cache) < stage.min_images:
         raise DataError(f"{data_dir}: only {len(cache)} images could be decoded (unreadable: "
@@ -316,12 +321,16 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
 
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    with process_state().main_process_first():  # rank 0 encodes the cache; the others then reuse it
+    ranks = process_state()
+    # the frozen models work where the UNet trains: the cache is encoded there, samples are drawn there
+    frozen.vae.to(ranks.device)
+    frozen.text_encoder.to(ranks.device)
+    with ranks.main_process_first():  # rank 0 encodes the cache; the others then reuse it
         cache = prepare_cache(cfg, stage, Path(data_dir), frozen, out_dir.parent / "cache")
     train_idx, val_idx = split_validation(cache.sizes, stage.val_fraction, cfg.seed)
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=out_dir / "tb",
-                              cpu=process_state().device.type == "cpu")
+                              cpu=ranks.device.type == "cpu")
     world = accelerator.num_processes
     if stage.batch_size % (stage.micro_batch * world):
         raise ValueError(f"batch_size {stage.batch_size} is not a multiple of micro_batch {stage.micro_batch} x "
@@ -343,6 +352,7 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=stage.warmup_steps)
     ema = (EMAModel(unet.parameters(), decay=stage.ema_decay, use_ema_warmup=True, power=3 / 4,
                     model_cls=UNet2DConditionModel, model_config=unet.config) if stage.ema_decay else None)
+    # best_val: the best early-stopping metric so far (held-out loss, or minus the sample score)
     state = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "images_seen": 0,
              "scaling_factor": scaling_factor, "history": []}
 
@@ -360,7 +370,6 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     device = accelerator.device
-    frozen.vae.to(device)
     if ema is not None:
         ema.to(device)
     alphas_bar = training_alphas_cumprod(cfg)
@@ -370,36 +379,36 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
     stopped = "max_steps"
     last_sample_size = _bucket_hw(cache)
 
-    def evaluate(step: int) -> float:
-        """Held-out loss with fixed noise and timesteps (EMA weights when EMA is on)."""
+    @contextlib.contextmanager
+    def evaluated_weights():
+        """The unwrapped UNet in eval mode carrying the EMA weights (when EMA is on), restored after."""
         model = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
         model.eval()
+        try:
+            yield model
+        finally:
+            model.train()
+            if ema is not None:
+                ema.restore(model.parameters())
+
+    def evaluate(step: int) -> float:
+        """Held-out loss with fixed noise and timesteps (EMA weights when EMA is on)."""
         losses = []
-        with torch.no_grad():
+        with evaluated_weights() as model, torch.no_grad():
             for b, members in enumerate(val_idx):
                 for start in range(0, len(members), stage.micro_batch):
                     z, text = cache.gather(b, members[start:start + stage.micro_batch])
                     loss, _ = diffusion_loss(model, z.to(device) * scaling_factor, text.to(device), cfg, stage,
                                              _generator(cfg.seed, 2, b, start), alphas_bar, decode)
                     losses.append(loss.item())
-        model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
         return sum(losses) / len(losses)
 
     def sample(step: int) -> tuple[Path, dict[str, float]]:
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        model.eval()
-        images = sample_grid(model, frozen, cfg, scaling_factor, *last_sample_size)
-        model.train()
-        if ema is not None:
-            ema.restore(model.parameters())
+        with evaluated_weights() as model:
+            images = sample_grid(model, frozen, cfg, scaling_factor, *last_sample_size)
         path = out_dir / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = math.ceil(math.sqrt(len(images)))
@@ -408,14 +417,8 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
         return path, scores if isinstance(scores, dict) else {"score": float(scores)}
 
     def export(name: str) -> Path:
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        path = export_pipeline(out_dir / name, model, frozen, cfg, scaling_factor)
-        if ema is not None:
-            ema.restore(model.parameters())
-        return path
+        with evaluated_weights() as model:
+            return export_pipeline(out_dir / name, model, frozen, cfg, scaling_factor)
 
     bar = tqdm(range(state["step"], stage.max_steps), initial=state["step"], total=stage.max_steps,
                desc=stage.name, disable=not (progress and accelerator.is_main_process))
@@ -437,7 +440,9 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
             if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
                 stopped = f"nan at step {step}"
                 break
-            accelerator.backward(loss / accumulation)
+            # DDP all-reduces the gradients on the last micro-batch of the step only
+            with accelerator.no_sync(unet) if micro < accumulation - 1 else contextlib.nullcontext():
+                accelerator.backward(loss / accumulation)
             step_loss += loss.item() / accumulation
         if stopped != "max_steps":
             last = latest_checkpoint(ckpt_root)
@@ -498,9 +503,11 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
 
     final = export("final") if accelerator.is_main_process and state["step"] > 0 else out_dir / "final"
     best = out_dir / "best" if (out_dir / "best").is_dir() else final
+    best_eval = next((h for h in state["history"] if h["step"] == state["best_step"]), {})
     result = StageResult(stage=stage.name, out_dir=out_dir, checkpoint=best, final=final, grids=grids,
                          steps=state["step"], stopped=stopped, best_step=state["best_step"],
-                         best_val_loss=state["best_val"], data_report=cache.meta["report"], processes=world,
+                         best_val_loss=best_eval.get("val_loss"), best_sample_score=best_eval.get("sample_score"),
+                         data_report=cache.meta["report"], processes=world,
                          accumulation_steps=accumulation)
     if accelerator.is_main_process:
         (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"history": state["history"]},
@@ -527,7 +534,14 @@ def ensure_autoencoder(cfg: Config, data_dir: Path, out_dir: Path, progress: boo
     if (path / "config.json").is_file():
         return None
     items, _ = read_captioned(data_dir, "skip")
-    res = cfg.autoencoder.train_resolution
+    ae = cfg.autoencoder
+    # the run sees train_steps x train_batch_size images, plus a tenth held out: load no more than that
+    # (a 200K pool held as float tensors would not fit in memory)
+    cap = ae.train_steps * ae.train_batch_size * 10 // 9 + 1
+    if len(items) > cap:
+        items = random.Random(cfg.seed).sample(items, cap)
+        log.info("autoencoder: training on a seeded sample of %d of the images", cap)
+    res = ae.train_resolution
     images = []
     for item in items:
         try:

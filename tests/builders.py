@@ -60,3 +60,29 @@ def write_ingest_run(run_dir: Path, n: int, shard_rows: int, seed: int = 0, row_
     for index, start in enumerate(range(0, n, shard_rows)):
         pq.write_table(table.slice(start, shard_rows), layout.ingest / shard_name(index), row_group_size=row_group_rows)
     return layout
+
+
+def tiny_random_clip(folder: Path, embed_dim: int = 32) -> dict:
+    """The clip scorer's options for "tiny-random-clip-<embed_dim>": a 2-layer open_clip ViT built from a config
+    written here, with RANDOM weights (seed 0) saved as a checkpoint file and loaded through the same
+    ``checkpoint:`` path a user's fine-tuned CLIP takes. No CLIP weights exist offline; its scores are
+    meaningless, the tests check plumbing. ``embed_dim=768`` gives embeddings the real LAION aesthetic head
+    (made for ViT-L/14) can read."""
+    import json
+
+    import open_clip
+    import torch
+
+    name = f"tiny-random-clip-{embed_dim}"
+    if name not in open_clip.list_models():
+        config = folder / f"{name}.json"
+        config.write_text(json.dumps({
+            "embed_dim": embed_dim,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        }))
+        open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = folder / f"{name}.pt"
+    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), checkpoint)
+    return {"model": name, "pretrained": None, "checkpoint": str(checkpoint), "device": "cpu"}

@@ -12,7 +12,7 @@ Null captions get a null score with reason "missing_caption", blank ones "empty_
 would read as "misaligned"). Captions longer than the text encoder's context (77 tokens for CLIP) are
 truncated by open_clip's tokenizer and flagged in ``caption_truncated``.
 
-Throughput on a GPU is bound by the CPU side: one thread decodes and preprocesses ~360 thumbnails/s
+Throughput on a GPU is bound by the CPU side: one thread decodes and preprocesses ~430 thumbnails/s
 (benchmarks/bench_clip_decode.py), against the ~2,600 img/s a ViT-L/14 embeds in bf16 on an H100. So each
 actor decodes in a pool of ``decode_threads`` (8 by default on CUDA; Pillow releases the GIL) and asks Ray
 for that many CPUs; the output is identical to the one-thread path (tests/pipeline/scorers/test_clip.py).
@@ -21,7 +21,6 @@ for that many CPUs; the output is identical to the one-thread path (tests/pipeli
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -126,7 +125,7 @@ class ClipScorer(Scorer):
 
     def __init__(self, options: ClipOptions | None = None) -> None:
         super().__init__(options)
-        self.resources = replace(placed(self.resources, self.options.device), num_cpus=float(self.options.threads(self.options.device)))
+        self.resources = placed(self.resources, self.options.device, self.options)
 
     def weights(self) -> list[WeightSpec]:
         return [self.options.weight_spec()]
@@ -142,10 +141,6 @@ class ClipScorer(Scorer):
 
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return fn(inputs.to(self.device)).float().cpu().numpy()
-
-    def encode_images(self, images) -> np.ndarray:
-        """Embeddings of PIL images (preprocessed here, in this thread)."""
-        return self.encode_pixels([self.preprocess(im) for im in images])
 
     def encode_pixels(self, pixels) -> np.ndarray:
         """Embeddings of preprocessed image tensors, batch by batch (halved on CUDA OOM)."""

@@ -106,10 +106,13 @@ def arrow_to_embeddings(column: pa.Array | pa.ChunkedArray, *, what: str) -> tup
     return out, valid
 
 
-def placed(resources: Resources, device: Device) -> Resources:
+def placed(resources: Resources, device: Device, decode: DecodeThreadsOptions | None = None) -> Resources:
     """The scorer's resources for its configured device: ``device: cuda`` asks Ray for one GPU per
-    actor (Ray hides GPUs from actors that did not ask, so ``auto`` inside Ray means CPU)."""
-    return replace(resources, num_gpus=1.0) if device == "cuda" else resources
+    actor (Ray hides GPUs from actors that did not ask, so ``auto`` inside Ray means CPU). A scorer with
+    decode threads (``decode``: its options) asks for one CPU per thread."""
+    if device == "cuda":
+        resources = replace(resources, num_gpus=1.0)
+    return replace(resources, num_cpus=float(decode.threads(device))) if decode is not None else resources
 
 
 def pick_device(device: Device) -> str:

@@ -28,8 +28,6 @@ words and splits others, so its counts differ from readtext's (the reference thr
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
@@ -99,8 +97,7 @@ class OcrScorer(Scorer):
 
     def __init__(self, options: OcrOptions | None = None) -> None:
         super().__init__(options)
-        self.resources = replace(placed(self.resources, self.options.device),
-                                 num_cpus=float(self.options.threads(self.options.device)))
+        self.resources = placed(self.resources, self.options.device, self.options)
 
     def weights(self) -> list[WeightSpec]:
         folder = self.options.model_dir or default_model_dir()

@@ -16,7 +16,6 @@ from PIL import Image
 from annotation.schema import GOLD_ANSWER
 from pipeline import schema
 
-from tests.conftest import ADMIN_TOKEN, Server  # noqa: F401  (the session's Label Studio lives in tests/conftest.py)
 
 POOL_PHOTOS = [
     "astronaut", "coffee", "chelsea", "rocket", "camera", "moon",

@@ -73,11 +73,6 @@ def write_parquet(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.fixture
-def curated(tmp_path) -> Path:
-    return write_imagefolder(tmp_path / "curated", 12)
-
-
 # the training tests' tiny config and its frozen models
 FAST = ["quality_tune.pixel_loss_weight=0.0", "quality_tune.eval_every=2", "quality_tune.sample_every=100", "quality_tune.checkpoint_every=2",
         "quality_tune.batch_size=4", "quality_tune.val_fraction=0.2", "sample.num_inference_steps=2",

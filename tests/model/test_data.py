@@ -49,3 +49,29 @@ def test_validation_split_never_takes_a_whole_bucket():
     train, val = split_validation([10, 1, 2], 0.5, seed=0)
     assert all(len(t) >= 1 for t in train) and sum(map(len, val)) >= 1
     assert sorted(train[0] + val[0]) == list(range(10))
+
+
+def test_the_latent_cache_is_rebuilt_when_its_buckets_would_change(tmp_path):
+    """Same images and models, other aspect-ratio buckets or minimum bucket size: a new cache, not the old one."""
+    import torch
+
+    from model.data import build_cache
+
+    items, _ = read_captioned(write_imagefolder(tmp_path / "set", 12))
+    encoded = []
+
+    def build(ratios, min_per_bucket):
+        def encode(x):
+            encoded.append(len(x))
+            return torch.nn.functional.avg_pool2d(x, 8)  # stands in for an autoencoder: 1/8 size
+
+        return build_cache(items, tmp_path / "cache", 128, ratios, encode, lambda p: torch.zeros(len(p), 4, 8),
+                           fingerprint="models", min_per_bucket=min_per_bucket)
+
+    square = build([1.0], 1)
+    assert len(square.buckets) == 1
+    assert build([1.0], 1).buckets == square.buckets and sum(encoded) == 12, "an unchanged cache is reused"
+    mixed = build([1.0, 0.5, 2.0], 1)  # the set has square and 1:2 photos
+    assert len(mixed.buckets) == 2 and sum(encoded) == 24
+    folded = build([1.0, 0.5, 2.0], 7)  # 6 of each: a bucket needs 7, so all fold into one
+    assert len(folded.buckets) == 1 and sum(encoded) == 36

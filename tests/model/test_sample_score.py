@@ -1,9 +1,9 @@
 """Early stopping on the automatic score of the fixed-prompt samples (``sample.score``): the curation
 pipeline's CLIP and aesthetic scorers on the generated images.
 
-No CLIP weights exist offline, so CLIP here is "tiny-random-clip-768": a 2-layer open_clip model built from
-the config file beside this one with RANDOM weights (768-wide embeddings, so the REAL LAION aesthetic head
-from ../shared can read them). Its scores are meaningless; the tests check that the score is the pipeline's
+No CLIP weights exist offline, so CLIP here is "tiny-random-clip-768" (tests/builders.py): a 2-layer open_clip
+model with RANDOM weights and 768-wide embeddings, so the REAL LAION aesthetic head from ../shared can read
+them. Its scores are meaningless; the tests check that the score is the pipeline's
 score of the samples and that it picks the best checkpoint and stops training."""
 
 from __future__ import annotations
@@ -19,23 +19,16 @@ from model.config import SampleScoreConfig, load_config
 from model.evaluation import PipelineSampleScorer
 from model.pipeline import load_pipeline
 from model.train import Frozen, run_stage, sample_grid
+from tests.builders import tiny_random_clip
 from tests.model.conftest import FAST, photo_variants
 
-TINY_CLIP = "tiny-random-clip-768"
 HEAD = "weights/aesthetic/improved_sac+logos+ava1-l14-linearMSE.pth"
 
 
 @pytest.fixture(scope="module")
 def score_options(tmp_path_factory, shared_dir) -> dict:
-    import open_clip
-
-    if TINY_CLIP not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).with_name(f"{TINY_CLIP}.json"))
-    torch.manual_seed(0)
-    checkpoint = tmp_path_factory.mktemp("clip") / f"{TINY_CLIP}.pt"
-    torch.save(open_clip.create_model(TINY_CLIP, pretrained=None).state_dict(), checkpoint)
     return {"metric": "aesthetic+clip", "clip_weight": 10.0,
-            "clip": {"model": TINY_CLIP, "pretrained": None, "checkpoint": str(checkpoint), "device": "cpu"},
+            "clip": tiny_random_clip(tmp_path_factory.mktemp("clip"), embed_dim=768),
             "aesthetic": {"head": str(shared_dir / HEAD)}}
 
 
@@ -48,11 +41,12 @@ def test_the_score_is_the_aesthetic_and_clip_score_of_the_samples(score_options,
     parts = scorer(images, prompts)
 
     # the same figures computed here directly: open_clip's own loader and the head's documented layers
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=score_options["clip"]["checkpoint"])
+    name = score_options["clip"]["model"]
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=score_options["clip"]["checkpoint"])
     model.eval()
     with torch.no_grad():
         image = F.normalize(model.encode_image(torch.stack([preprocess(im) for im in images])), dim=-1)
-        text = F.normalize(model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(prompts)), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(name)(prompts)), dim=-1)
         head = torch.load(shared_dir / HEAD, map_location="cpu", weights_only=True)
         x = image.half().float()  # the pipeline stores embeddings as float16
         for i in (0, 2, 4, 6, 7):  # improved predictor: Linear layers, dropout between, no activations
