@@ -85,7 +85,6 @@ class ProjectCounts:
     """Label Studio's own counters for one project."""
 
     project_id: int
-    title: str
     tasks: int
     finished_tasks: int  # tasks with ``maximum_annotations`` (the round's overlap) annotations
     annotations: int
@@ -160,6 +159,24 @@ class LabelStudioClient:
                         f"({type(error).__name__}: {error})"
                     ) from error
                 log.warning("Label Studio unavailable while %s (%s); retrying", what, type(error).__name__)
+
+    def _create_once(self, what: str, create: Callable[[], T], committed: Callable[[], T | None],
+                     hint: str = "") -> T:
+        """``create()`` under the retry budget, for a request that is not idempotent: after a dropped
+        connection or a 5xx the server is asked (``committed()``) whether the request went through
+        before it is sent again, so nothing is created twice."""
+        backoff = Backoff(self.settings.retry_budget_s)
+        while True:
+            try:
+                return create()
+            except (httpx.TransportError, ApiError) as error:
+                self._raise_if_permanent(what, error)
+                if not backoff.sleep_or_give_up():
+                    raise LabelStudioUnavailable(f"Label Studio at {self.url} did not answer while {what}{hint}") from error
+                self.wait_until_up()
+                done = committed()
+                if done is not None:
+                    return done
 
     def _raise_if_permanent(self, what: str, error: Exception) -> None:
         if _is_transient(error):
@@ -245,8 +262,9 @@ class LabelStudioClient:
         existing = self.projects_titled(title)
         if title in existing:
             return existing[title]
-        try:
-            project = self.sdk.projects.create(
+
+        def create() -> int:
+            return self.sdk.projects.create(
                 title=title,
                 description=description,
                 label_config=label_config,
@@ -258,15 +276,9 @@ class LabelStudioClient:
                 maximum_annotations=overlap,
                 overlap_cohort_percentage=100,
                 sampling="Sequential sampling",
-            )
-            return project.id
-        except (httpx.TransportError, ApiError) as error:
-            self._raise_if_permanent(f"creating project {title!r}", error)
-            self.wait_until_up()
-            existing = self.projects_titled(title)
-            if title in existing:  # the create went through before the connection dropped
-                return existing[title]
-            return self.ensure_project(title, label_config, instructions, overlap, description)
+            ).id
+
+        return self._create_once(f"creating project {title!r}", create, lambda: self.projects_titled(title).get(title))
 
     def ensure_local_storage(self, project_id: int, path: Path) -> None:
         """Connect ``path`` (under the document root) to the project so Label Studio serves its files.
@@ -292,7 +304,6 @@ class LabelStudioClient:
         p = self._call("reading project counters", self.sdk.projects.get, project_id)
         return ProjectCounts(
             project_id=project_id,
-            title=p.title or "",
             tasks=p.task_number or 0,
             finished_tasks=p.finished_task_number or 0,
             annotations=p.total_annotations_number or 0,
@@ -300,13 +311,13 @@ class LabelStudioClient:
         )
 
     # -- tasks --------------------------------------------------------------------------------------------
-    def export_tasks(self, project_id: int, all_tasks: bool = False) -> list[dict[str, Any]]:
-        """Every task of the project with its annotations (Label Studio's JSON export), or only the
-        tasks that have at least one annotation (skipped ones included)."""
+    def export_tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's tasks that have at least one annotation (skipped ones included), with their
+        annotations (Label Studio's JSON export)."""
 
         def download() -> list[dict[str, Any]]:
             chunks = self.sdk.projects.exports.download_sync(
-                project_id, export_type="JSON", download_all_tasks=all_tasks
+                project_id, export_type="JSON", download_all_tasks=False
             )
             return json.loads(b"".join(chunks))
 
@@ -331,23 +342,24 @@ class LabelStudioClient:
         project's pool ids are read again and only the missing tasks are sent.
         """
         pending = [t for t in tasks if t["data"][POOL_ID_KEY] not in known]
-        backoff = Backoff(self.settings.retry_budget_s)
-        while pending:
-            try:
-                self.sdk.projects.import_tasks(project_id, request=pending, return_task_ids=False)
-                known.update(t["data"][POOL_ID_KEY] for t in pending)
-                return len(pending)
-            except (httpx.TransportError, ApiError) as error:
-                self._raise_if_permanent(f"importing {len(pending)} tasks into project {project_id}", error)
-                if not backoff.sleep_or_give_up():
-                    raise LabelStudioUnavailable(
-                        f"Label Studio at {self.url} did not accept an import into project {project_id}; "
-                        "re-run the push to complete it (nothing will be duplicated)"
-                    ) from error
-                self.wait_until_up()
-                known.update(self.pool_ids(project_id))
-                pending = [t for t in pending if t["data"][POOL_ID_KEY] not in known]
-        return 0
+        if not pending:
+            return 0
+        count = len(pending)
+
+        def send() -> int:
+            self.sdk.projects.import_tasks(project_id, request=pending, return_task_ids=False)
+            return count
+
+        def committed() -> int | None:
+            nonlocal pending
+            known.update(self.pool_ids(project_id))
+            pending = [t for t in pending if t["data"][POOL_ID_KEY] not in known]
+            return None if pending else count
+
+        created = self._create_once(f"importing {count} tasks into project {project_id}", send, committed,
+                                    "; re-run the push to complete it (nothing will be duplicated)")
+        known.update(t["data"][POOL_ID_KEY] for t in tasks)
+        return created
 
     # -- annotating (as an annotator) --------------------------------------------------------------------
     def next_task(self, project_id: int) -> dict[str, Any] | None:
@@ -360,27 +372,16 @@ class LabelStudioClient:
     ) -> int:
         """Submit this user's annotation of a task; after a dropped connection, the task is looked at
         first so that an annotation the server did receive is not submitted twice."""
-        backoff = Backoff(self.settings.retry_budget_s)
-        while True:
-            try:
-                annotation = self.sdk.annotations.create(
-                    task_id, result=result, lead_time=lead_time, was_cancelled=skipped
-                )
-                return annotation.id
-            except (httpx.TransportError, ApiError) as error:
-                self._raise_if_permanent(f"submitting an annotation of task {task_id}", error)
-                if not backoff.sleep_or_give_up():
-                    raise LabelStudioUnavailable(
-                        f"Label Studio at {self.url} did not accept an annotation of task {task_id}"
-                    ) from error
-                me = self.whoami().id
-                mine = [
-                    a.id
-                    for a in self._call("listing a task's annotations", self.sdk.annotations.list, task_id)
-                    if a.completed_by == me
-                ]
-                if mine:
-                    return mine[0]
+        def create() -> int:
+            return self.sdk.annotations.create(task_id, result=result, lead_time=lead_time, was_cancelled=skipped).id
+
+        def committed() -> int | None:
+            me = self.whoami().id
+            mine = [a.id for a in self._call("listing a task's annotations", self.sdk.annotations.list, task_id)
+                    if a.completed_by == me]
+            return mine[0] if mine else None
+
+        return self._create_once(f"submitting an annotation of task {task_id}", create, committed)
 
     # -- webhooks -----------------------------------------------------------------------------------------
     def create_webhook(self, project_id: int, url: str) -> int:

@@ -95,12 +95,18 @@ class PushResult:
 
 
 def _tasks_from(
-    path: Path, round_: Round, storage: Path, document_root: Path, quarantine: list[dict], seen: set[str]
+    path: Path, round_: Round, storage: Path, document_root: Path, quarantine: list[dict], seen: set[str],
+    gold_ids: set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     tasks = []
-    columns = [ID, THUMBNAIL, IMAGE, IMAGE_PATH, FORMAT, CAPTION, SOURCE, SOURCE_KEY]
+    columns = [ID, THUMBNAIL, CAPTION, SOURCE, SOURCE_KEY]
+    if round_.image_source == "original":  # only then are the full images read (not the whole column for nothing)
+        columns += [IMAGE, IMAGE_PATH, FORMAT]
     for row in iter_rows(path, columns):
         pool_id = row[ID]
+        if pool_id in gold_ids:
+            raise AnnotationError(f"{path}: row {pool_id} is also a gold task; gold images check the annotators "
+                                  "and are never decided as pool images, so take them from outside the pool")
         if pool_id in seen:
             quarantine.append(_quarantine_row(row, path, "duplicate_id", "id appears more than once"))
             continue
@@ -180,7 +186,7 @@ def push_round(
         if g["data"][POOL_ID_KEY] not in gold_answers or gold_answers[g["data"][POOL_ID_KEY]] is None:
             raise AnnotationError(f"gold task {g['data'][POOL_ID_KEY]} has no {S.GOLD_ANSWER}")
     tasks = sorted(
-        _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen),
+        _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen, set(gold_answers)),
         key=lambda t: t["data"][POOL_ID_KEY],
     )
     layout.root.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from PIL import Image
 
+from pipeline.imageio import load_image_bytes
 from pipeline.schema import FORMAT, ID, IMAGE, IMAGE_PATH, THUMBNAIL
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
@@ -58,16 +59,11 @@ def _extension(data: bytes, declared: str | None) -> str:
 def original_image(row: dict[str, Any]) -> tuple[bytes, str]:
     """The full-resolution image of a pool row and its file extension: stored bytes, else a local
     ``image_path``; raises NoImage with the reason otherwise."""
-    if row.get(IMAGE):
-        return row[IMAGE], _extension(row[IMAGE], row.get(FORMAT))
-    path = row.get(IMAGE_PATH)
-    if path:
-        local = Path(path.removeprefix("file://"))
-        if not local.is_file():
-            raise NoImage(f"image_path {path!r} is not a readable local file")
-        data = local.read_bytes()
-        return data, _extension(data, local.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-    raise NoImage("row has neither image bytes nor an image_path")
+    try:
+        data = load_image_bytes(row.get(IMAGE) or None, row.get(IMAGE_PATH) or None)
+    except (ValueError, OSError) as error:
+        raise NoImage(f"no readable image: {error}") from error
+    return data, _extension(data, row.get(FORMAT))
 
 
 def shown_image(row: dict[str, Any], source: str) -> tuple[bytes, str]:

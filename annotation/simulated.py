@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from annotation.client import POOL_ID_KEY, LabelStudioClient
 from annotation.curation import round_projects
@@ -51,18 +51,6 @@ def hash_rule(round_: Round, annotator: str, keep_fraction: float) -> Rule:
     def rule(data: dict[str, Any]) -> dict[str, Any]:
         u = _unit(annotator, data[POOL_ID_KEY])
         return full_answers(round_, u < keep_fraction, data, quality=1 - u)
-
-    return rule
-
-
-def score_rule(round_: Round, scores: Mapping[str, float], threshold: float, spread: float) -> Rule:
-    """Keeps an image when its score (e.g. ``aesthetic_score``) is at least ``threshold``; ratings follow
-    the score (``spread``: the score range mapped onto the rating scale)."""
-
-    def rule(data: dict[str, Any]) -> dict[str, Any]:
-        score = scores.get(data[POOL_ID_KEY], float("-inf"))
-        quality = min(max((score - threshold) / spread + 0.5, 0.0), 1.0)
-        return full_answers(round_, score >= threshold, data, quality)
 
     return rule
 

@@ -14,10 +14,12 @@ answered from the cache.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
@@ -154,11 +156,12 @@ def simulate_stage(round_name: str, target: int, campaign: str, keep_fraction: f
     return simulate_round(LabelStudioClient(_settings()), round_, campaign, round_.overlap, keep_fraction)
 
 
-@task(name="round-status", retries=2, retry_delay_seconds=10)
+# never cached: a run that re-executes after a resume must see the round as it is now, not as it was
+@task(name="round-status", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def status_stage(round_name: str, target: int, campaign: str) -> dict:
     from annotation.curation import round_status
 
-    return round_status(_round(round_name, target), campaign, _settings()).to_dict()
+    return round_status(_round(round_name, target), campaign, _settings(), per_annotator=False).to_dict()
 
 
 @task(name="pull-and-decide", retries=2, retry_delay_seconds=10)
@@ -207,7 +210,8 @@ def human_round(round_name: str, pool: str, params: CurateParams, campaign: str,
 
             wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s)
         else:
-            suspend_flow_run(timeout=params.round_timeout_s, key=f"round-{round_name}")
+            # a fresh key: a run resumed (e.g. by hand) while the round is still open suspends again
+            suspend_flow_run(timeout=params.round_timeout_s, key=f"round-{round_name}-{uuid.uuid4().hex}")
     next_pool = pull_stage(pool, round_name, target, campaign, str(work))
     (work / round_name / WAITING_FILE).unlink(missing_ok=True)  # the relay must not wake us for this round again
     return next_pool
@@ -224,10 +228,15 @@ def export_stage(pool: str, work: str) -> str:
 
 
 def campaign_name(run_dir: str) -> str:
-    """Label Studio project titles for this run: one campaign per run directory."""
+    """Label Studio project titles for this run: one campaign per run directory, as ``<folder name, cut to
+    21 characters>-<8 hex of the resolved path's hash>`` so that it always fits the 30 characters project
+    titles leave it and two run folders of the same name never share projects."""
+    import hashlib
     import re
 
-    return re.sub(r"[^a-z0-9-]+", "-", Path(run_dir).resolve().name.lower()).strip("-") or "curate"
+    path = Path(run_dir).resolve()
+    slug = re.sub(r"[^a-z0-9-]+", "-", path.name.lower())[:21].strip("-") or "curate"
+    return f"{slug}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 @flow(name="curate", log_prints=True, persist_result=True)

@@ -174,10 +174,9 @@ def up(with_labelstudio: bool = True) -> None:
     wait_for_deployments(env["PREFECT_API_URL"], ["curate/quality-set", "train-qt/train-qt"])
     if with_labelstudio:
         labelstudio("install")
-        if Service("labelstudio", [], state_dir=STATE / "labelstudio").pid() is None:  # start.sh's PID file
-            labelstudio("start")
+        labelstudio("start")  # returns at once when it runs already
     print(f"Prefect UI: http://127.0.0.1:{PREFECT_PORT}   (export PREFECT_API_URL={env['PREFECT_API_URL']})")
-    print("Label Studio: http://127.0.0.1:8080")
+    print(f"Label Studio: http://127.0.0.1:{os.environ.get('LABEL_STUDIO_PORT', '8080')}")
 
 
 def down(with_labelstudio: bool = True) -> None:

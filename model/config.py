@@ -181,11 +181,19 @@ class SampleScoreConfig(_Strict):
     def _check(self) -> "SampleScoreConfig":
         from pipeline.scorers import scorer_class
 
+        options = {}
         for name in ("clip", "aesthetic"):
             try:
-                scorer_class(name).Options.model_validate(getattr(self, name))
+                options[name] = scorer_class(name).Options.model_validate(getattr(self, name))
             except Exception as e:
                 raise ValueError(f"sample.score.{name}: {e}") from e
+        if self.metric != "clip_score":
+            from pipeline.scorers.aesthetic import head_clip_mismatch
+
+            clip = options["clip"]
+            problem = head_clip_mismatch(options["aesthetic"].head, clip.model, clip.pretrained)
+            if problem:
+                raise ValueError(f"sample.score: {problem}")
         return self
 
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline import schema
+from pipeline.imageio import load_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,9 @@ def _parquet_rows(path: Path):
         captions = table.column(schema.CAPTION).to_pylist()
         ids = table.column(schema.ID).to_pylist() if schema.ID in names else [None] * table.num_rows
         for i, (data, image_path, caption, row_id) in enumerate(zip(images, paths, captions, ids)):
-            key = row_id or f"{file.name}:{i}"
-            if data is not None:
-                yield key, caption, (lambda d=data: Image.open(io.BytesIO(d)))
-            else:
-                yield key, caption, (lambda p=image_path: Image.open(p))
+            # stored bytes, or the local file (plain path or file:// URI) the row's image_path names
+            yield (row_id or f"{file.name}:{i}", caption,
+                   lambda d=data, p=image_path: Image.open(io.BytesIO(load_image_bytes(d, p))))
 
 
 # --- aspect-ratio buckets -------------------------------------------------------------------------

@@ -39,9 +39,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import schema
+from pipeline.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The config cannot be used; the message names the key path and what is wrong with it."""
 
 
@@ -308,6 +309,28 @@ class PipelineConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_clip(self) -> PipelineConfig:
+        """The aesthetic and concept scorers read the clip scorer's stored embeddings: they must be made for
+        that CLIP (same-width embeddings of another CLIP would be scored silently and wrongly)."""
+        clip = self.scorers.get("clip")
+        if clip is None:
+            return self
+        from pipeline.scorers.aesthetic import head_clip_mismatch
+
+        problem = None
+        if "aesthetic" in self.scorers:
+            problem = head_clip_mismatch(self.scorers["aesthetic"]["head"], clip["model"], clip["pretrained"])
+        concept = self.scorers.get("concept")
+        if problem is None and concept is not None and concept["backend"] == "clip":
+            keys = ("model", "pretrained", "checkpoint")
+            if any(concept["clip"][k] != clip[k] for k in keys):
+                problem = (f"scorers.concept.clip {[concept['clip'][k] for k in keys]} is not the CLIP the clip "
+                           f"scorer runs {[clip[k] for k in keys]}: concepts are read from its embeddings")
+        if problem is not None:
+            raise PydanticCustomError("clip_mismatch", "{problem}", {"problem": problem})
+        return self
+
     @field_validator("scorers", mode="before")
     @classmethod
     def _validate_scorers(cls, value: Any) -> Any:
@@ -430,9 +453,6 @@ def _render_model(model: BaseModel, out: io.StringIO, indent: str) -> None:
         if isinstance(value, BaseModel):
             out.write(f"{indent}{name}:\n")
             _render_model(value, out, indent + "  ")
-        elif name == "scorers":
-            out.write(f"{indent}{name}:\n")
-            _render_scorers(value, out, indent + "  ")
         else:
             out.write(f"{indent}{name}: {_yaml_value(value)}\n")
 

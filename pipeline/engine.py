@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,14 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
+from pipeline.errors import UserError
 from pipeline.layout import RunLayout
-from pipeline.scorer import Scorer, check_chain
+from pipeline.scorer import Resources, Scorer, check_chain
 
 CHAIN_METADATA_KEY = b"needles.scorer_chain"
 SHARD_COLUMN = "path"  # the column Ray Data's include_paths adds: which ingest shard a row came from
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     pass
 
 
@@ -225,28 +226,32 @@ def _stages(scorers: Sequence[Scorer]) -> list[list[Scorer]]:
     return stages
 
 
-def _pool_size(scorer: Scorer, cluster: dict) -> int:
-    """Actors the cluster can hold for this scorer while leaving a CPU for Ray Data's read tasks
-    (an actor pool that takes every CPU starves the reads and the dataset hangs)."""
-    res = scorer.resources
+def _pool_size(name: str, res: Resources, cluster: dict) -> int:
+    """Actors the cluster can hold for a scorer asking ``res`` per actor while leaving a CPU for Ray
+    Data's read tasks (an actor pool that takes every CPU starves the reads and the dataset hangs)."""
     if res.num_gpus > 0:
         size = int(cluster.get("GPU", 0) // res.num_gpus)
         if size < 1:
-            raise EngineError(f"scorer {scorer.name!r} wants {res.num_gpus} GPU per worker; the cluster has none")
+            raise EngineError(f"scorer {name!r} wants {res.num_gpus} GPU per worker; the cluster has none")
     else:
         spare = max(cluster.get("CPU", 1) - 1, res.num_cpus)
         size = max(1, int(spare // res.num_cpus))
     return min(size, res.max_workers) if res.max_workers else size
 
 
-def _actor_cpus(scorer: Scorer, cluster: dict) -> float:
-    """CPUs one actor asks for. A GPU scorer asks for its decode threads' CPUs, but never for more than
-    its share of the cluster's CPUs less one per GPU, so the read tasks always keep CPUs to run on."""
+def _actor_resources(scorer: Scorer, cluster: dict, gpu_stages: int) -> Resources:
+    """What one actor of ``scorer`` asks Ray for on this cluster. With more GPU stages than GPUs, the GPU
+    stages share them (each stage needs an actor at the same time: one waiting for a GPU that another
+    stage's pool holds until its operator finishes would stall the dataset). A GPU actor asks for its
+    decode threads' CPUs, but never for more than its share of the CPUs less one, so reads always run."""
     res = scorer.resources
-    if res.num_gpus > 0 and cluster.get("GPU"):
-        share = cluster.get("CPU", 1) / cluster["GPU"] * res.num_gpus
-        return max(min(res.num_cpus, share - 1), min(res.num_cpus, 1.0))
-    return res.num_cpus
+    gpus = cluster.get("GPU", 0)
+    if res.num_gpus <= 0 or not gpus:
+        return res
+    if gpu_stages > gpus:
+        res = replace(res, num_gpus=min(res.num_gpus, gpus / gpu_stages))
+    share = cluster.get("CPU", 1) / gpus * res.num_gpus
+    return replace(res, num_cpus=max(min(res.num_cpus, share - 1), min(res.num_cpus, 1.0)))
 
 
 def _carried_after(later: Sequence[Sequence[Scorer]]) -> set[str]:
@@ -283,10 +288,11 @@ def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress)
     ctx.enable_progress_bars = False
     cluster = ray.cluster_resources()
     stages = _stages(scorers)
+    gpu_stages = sum(1 for s in scorers if s.stateful and s.resources.num_gpus > 0)
     # Each stage passes on only what later stages read, so thumbnails leave the pipeline as soon as
     # the last scorer that needs them is done.
     carried = [_carried_after(stages[i + 1 :]) for i in range(len(stages))]
-    # One work item per Parquet row group (ingest writes ~1K-row groups): fine-grained enough to keep
+    # One work item per Parquet row group (ingest writes 512-row groups): fine-grained enough to keep
     # every worker busy on small runs, and each item names its shard for the per-shard bookkeeping.
     # Leading stateless scorers run inside the read task: thumbnails never cross the object store.
     items = [{SHARD_COLUMN: str(p), "row_group": i} for p in pending for i in range(pq.ParquetFile(p).num_row_groups)]
@@ -302,14 +308,15 @@ def _score_on_ray(layout, pending, scorers, columns, signature, stats, progress)
         if not head.stateful and index == 0:
             continue  # already fused into the read
         if head.stateful:
+            res = _actor_resources(head, cluster, gpu_stages)
             ds = ds.map_batches(
                 _ScorerActor,
                 fn_constructor_kwargs={"scorer": head, "carry": carried[index]},
                 batch_format="pyarrow",
-                batch_size=head.resources.batch_size,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(head, cluster)),
-                num_cpus=_actor_cpus(head, cluster),
-                num_gpus=head.resources.num_gpus or None,
+                batch_size=res.batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(head.name, res, cluster)),
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus or None,
                 # Ray Data restarts a dead actor and retries its batch (max_restarts and
                 # max_task_retries default to -1 for actor pools); test_engine proves it.
             )

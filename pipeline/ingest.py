@@ -51,6 +51,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
 from pipeline import schema
 from pipeline.imageio import ImageInfo, ImageProblem, inspect_image, local_path, sha256_hex
 from pipeline.layout import RunLayout, shard_name
@@ -85,7 +86,7 @@ _CHUNK_ITEMS = 32  # items per pool task: large enough to amortise pickling, sma
 _ROW_GROUP_ROWS = 512
 
 
-class IngestError(Exception):
+class IngestError(UserError):
     """An input that cannot be ingested at all (no such path, no image column, not a Parquet file)."""
 
 
@@ -378,7 +379,9 @@ def _parquet_items(path: Path) -> Iterator[Item]:
     meta_cols = [n for n in arrow_schema.names if n not in binary_cols and n != caption_col]
     base = path.parent.resolve()
     index = 0
-    for batch in parquet.iter_batches(batch_size=256):
+    # only the columns an item takes: other binary columns (embeddings, masks, ...) are never decoded
+    used = [n for n in arrow_schema.names if n in {bytes_col, path_col, caption_col} or n in meta_cols]
+    for batch in parquet.iter_batches(batch_size=256, columns=used):
         rows = batch.to_pylist()
         for row in rows:
             item = Item(source, str(index))
@@ -508,15 +511,15 @@ def _inspect(data: bytes | None, path: Path | None, problem: tuple[str, str] | N
             return None, "missing_image", f"{path} does not exist", None
         except OSError as exc:  # permission denied, a folder, an I/O error
             return None, "unreadable_path", f"{path}: {exc.strerror or exc}", None
-    digest = sha256_hex(data) if data else None
+    # the id of a good image is the hash inspect_image computes; a quarantined row's bytes are hashed here
     if problem is not None:
-        return None, problem[0], problem[1], digest
+        return None, problem[0], problem[1], sha256_hex(data) if data else None
     if data is None:
         return None, "missing_image", "the row has no image", None
     try:
         return inspect_image(data, thumbnail_size), None, None, None
     except ImageProblem as exc:
-        return None, exc.reason, exc.detail, digest
+        return None, exc.reason, exc.detail, sha256_hex(data) if data else None
 
 
 def _inspect_chunk(
@@ -661,8 +664,8 @@ def ingest(
     for unusable input; bad rows never raise, they are quarantined with a reason."""
     if shard_rows < 1:
         raise IngestError(f"shard_rows must be >= 1, got {shard_rows}")
-    if thumbnail_size < 16:
-        raise IngestError(f"thumbnail_size must be >= 16 px, got {thumbnail_size}")
+    if thumbnail_size < 32:  # as IngestConfig.thumbnail_size allows
+        raise IngestError(f"thumbnail_size must be >= 32 px, got {thumbnail_size}")
     expanded = expand_sources(sources)
     layout = RunLayout(run_dir)
     fingerprint = _fingerprint(expanded, shard_rows, thumbnail_size)

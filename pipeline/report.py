@@ -32,6 +32,7 @@ from pipeline.config import (
     THRESHOLD_FILTERS,
     PipelineConfig,
 )
+from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.select import SelectError, selection_summary
 
@@ -53,7 +54,7 @@ nav a { margin-right: 1rem; }
 _NOT_DROPS = ("rows in", "ingested", "kept")  # funnel stages that count rows rather than drop them
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """The run's stages disagree (e.g. a stale selection): the report would be wrong, so none is written."""
 
 
@@ -65,10 +66,6 @@ class _Sources:
     has_duplicates: bool
 
 
-def _list(paths: Sequence[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def _open(run_dir: Path) -> _Sources:
     layout = RunLayout(run_dir)
     if not layout.selection.is_file():
@@ -76,15 +73,19 @@ def _open(run_dir: Path) -> _Sources:
     if not layout.ingest_shards():
         raise SelectError(f"no ingest shards in {layout.ingest}: run ingest first")
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW ingest AS SELECT * FROM read_parquet({_list(layout.ingest_shards())})")
-    con.execute(f"CREATE VIEW selection AS SELECT * FROM read_parquet({_list([layout.selection])})")
+
+    def view(name: str, paths: Sequence[Path], **options) -> None:
+        con.read_parquet([str(p) for p in paths], **options).create_view(name)
+
+    view("ingest", layout.ingest_shards())
+    view("selection", [layout.selection])
     if layout.score_shards():
-        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({_list(layout.score_shards())}, union_by_name = true)")
+        view("scores", layout.score_shards(), union_by_name=True)
     else:
         con.execute("CREATE VIEW scores AS SELECT id FROM selection")
     for name, path in (("quarantine", layout.quarantine), ("duplicates", layout.duplicates)):
         if path.is_file():
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_list([path])})")
+            view(name, [path])
     return _Sources(layout, con, layout.quarantine.is_file(), layout.duplicates.is_file())
 
 

@@ -17,6 +17,8 @@ from typing import ClassVar, Mapping, Sequence
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -35,7 +37,7 @@ class ScorerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ScorerError(Exception):
+class ScorerError(UserError):
     """A scorer was built or called wrongly (bad output, missing column, missing weights)."""
 
 

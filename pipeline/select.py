@@ -41,6 +41,7 @@ from pipeline.config import (
     ConfigError,
     PipelineConfig,
 )
+from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 
 #: Key of the JSON summary ``select`` stores in the selection table's schema metadata (and so in
@@ -48,7 +49,7 @@ from pipeline.layout import RunLayout
 METADATA_KEY = b"needles.selection"
 
 
-class SelectError(Exception):
+class SelectError(UserError):
     """The run directory cannot be selected from (missing or incomplete stages)."""
 
 
@@ -386,10 +387,6 @@ def selection_summary(selection: pa.Table | pa.Schema) -> dict:
 # --- the stage ----------------------------------------------------------------------------------------
 
 
-def _parquet_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 #: Where each row of the joined table came from: (ingest shard index, row in it, score shard index, row
 #: in it). The pool is cut from the shards by these positions, with no second join on the long ids.
 _LOCATOR = ("_ingest_file", "_ingest_row", "_score_file", "_score_row")
@@ -408,14 +405,15 @@ def read_scored(layout: RunLayout, config: PipelineConfig) -> tuple[pa.Table, pa
     ingest_columns = [f.name for f in pq.read_schema(ingest[0]) if f.name in needed]
     score_columns = [f.name for f in pq.read_schema(scores[0]) if f.name != schema.ID and f.name not in ingest_columns]
     columns = [f'i."{c}"' for c in ingest_columns] + [f's."{c}"' for c in score_columns]
-    table = duckdb.connect().sql(
+    table = duckdb.connect().execute(
         f"""
         SELECT {", ".join(columns)},
                i.file_index AS _ingest_file, i.file_row_number AS _ingest_row,
                s.file_index AS _score_file, s.file_row_number AS _score_row
-        FROM read_parquet({_parquet_list(ingest)}) i
-        LEFT JOIN read_parquet({_parquet_list(scores)}, union_by_name = true) s USING ({schema.ID})
-        """
+        FROM read_parquet($ingest) i
+        LEFT JOIN read_parquet($scores, union_by_name = true) s USING ({schema.ID})
+        """,
+        {"ingest": [str(p) for p in ingest], "scores": [str(p) for p in scores]},
     ).to_arrow_table()
     unscored = table["_score_file"].null_count
     if unscored:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "NEEDLES_WEIGHTS_DIR"
@@ -45,7 +47,7 @@ OFFLINE_ENV = "NEEDLES_OFFLINE"
 FULL_HASH_MAX_BYTES = 200 * 1024 * 1024
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weights file is missing, unstaged or not the expected file."""
 
 
@@ -79,11 +81,8 @@ def torch_home() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_hash(spec: WeightSpec, path: Path, *, full: bool) -> None:

@@ -22,8 +22,10 @@ if [ ! -x "$VENV/bin/label-studio" ]; then
   exit 1
 fi
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+  # started already (by make up, make labelstudio or an earlier call): nothing to do
   echo "Label Studio already running (pid $(cat "$PIDFILE")); stop it with annotation/labelstudio/stop.sh" >&2
-  exit 1
+  echo "url=http://127.0.0.1:$PORT"
+  exit 0
 fi
 # Label Studio silently moves to the next free port when its port is taken, which would leave
 # clients talking to whatever holds the port: refuse instead.

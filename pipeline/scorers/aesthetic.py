@@ -38,6 +38,17 @@ KNOWN_HEADS: dict[str, tuple[str, str, str]] = {
     "laion_v1_sa_0_4_vit_b_32_linear": (_V1 + "sa_0_4_vit_b_32_linear.pth", "c7b14cead230694acc7b9447974d3cad78003c72da032e402a303b6c2429e85f", "ViT-B-32 openai"),
 }
 
+def head_clip_mismatch(head: str, clip_model: str, clip_pretrained: str | None) -> str | None:
+    """Why a known head cannot score that CLIP's embeddings (None when it can, or when the CLIP comes from a
+    local checkpoint whose origin is unknown). Same width is not enough: a ViT-L/14 trained on LAION has
+    768-wide embeddings in another space than OpenAI's, which the LAION heads were trained on."""
+    if head not in KNOWN_HEADS or clip_pretrained is None:
+        return None
+    trained_on = KNOWN_HEADS[head][2]
+    used = f"{clip_model} {clip_pretrained}"
+    return None if used == trained_on else f"aesthetic head {head!r} was trained on {trained_on} embeddings, not {used}"
+
+
 # Layouts by their exact key sets: Linear indices inside the original nn.Sequential, and whether a ReLU
 # follows each hidden Linear.
 _IMPROVED_LINEAR = ([0, 2, 4, 6, 7], False)

@@ -155,11 +155,20 @@ class ClipScorer(Scorer):
         """The batch's thumbnails decoded and preprocessed in the decode threads, then embedded."""
         return self.encode_pixels(decode_thumbnails(batch, self.preprocess, self.pool))
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_tokens(self, tokens) -> np.ndarray:
+        """Embeddings of tokenised captions (rows of ``context_length`` token ids), batch by batch."""
         def run(chunk):
-            return self._encode(self.model.encode_text, self.tokenizer(list(chunk), context_length=self.context_length))
+            return self._encode(self.model.encode_text, chunk)
 
-        return np.concatenate(run_halving_on_oom(texts, self.options.batch_size, run, what="clip text"))
+        return np.concatenate(run_halving_on_oom(tokens, self.options.batch_size, run, what="clip text"))
+
+    def truncated(self, texts: list[str], tokens) -> list[bool]:
+        """Which captions were cut to the context. Only a caption whose tokens fill the context (no padding
+        at the end) can have been, so only those are counted again, untruncated."""
+        tokenizer = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a HF one
+        pad = getattr(tokenizer, "pad_token_id", None) or 0  # SimpleTokenizer pads with 0
+        full = (tokens[:, -1] != pad).tolist()
+        return [f and token_count(self.tokenizer, t) > self.context_length for t, f in zip(texts, full)]
 
     def score(self, batch: pa.RecordBatch) -> dict[str, Any]:
         image_vectors = self.image_embeddings(batch)
@@ -167,15 +176,19 @@ class ClipScorer(Scorer):
         reasons = [MISSING_CAPTION if c is None else EMPTY_CAPTION if not c.strip() else None for c in captions]
         valid = np.array([r is None for r in reasons])
         text_vectors = np.zeros_like(image_vectors)
+        truncated = [False] * len(captions)
         if valid.any():
-            text_vectors[valid] = self.encode_texts([c for c, ok in zip(captions, valid) if ok])
+            texts = [c for c, ok in zip(captions, valid) if ok]
+            tokens = self.tokenizer(texts, context_length=self.context_length)  # once, for both uses
+            text_vectors[valid] = self.encode_tokens(tokens)
+            for row, cut in zip(np.flatnonzero(valid), self.truncated(texts, tokens)):
+                truncated[row] = cut
         image_arrow = embeddings_to_arrow(image_vectors)
         text_arrow = embeddings_to_arrow(text_vectors, valid)
         # cosine of the stored (float16) unit vectors, so a later recomputation from the table agrees
         image_unit = np.asarray(image_arrow.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(image_vectors.shape)
         text_unit = np.asarray(text_arrow.values.to_numpy(zero_copy_only=False), np.float32).reshape(text_vectors.shape)
         cosine = (image_unit * text_unit).sum(axis=1) * self.options.scale
-        truncated = [False if r is not None else token_count(self.tokenizer, c) > self.context_length for c, r in zip(captions, reasons)]
         n_truncated = sum(1 for t in truncated if t)
         if n_truncated:
             log.info("clip: %d of %d captions longer than %d tokens were truncated", n_truncated, len(captions), self.context_length)

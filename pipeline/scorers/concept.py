@@ -97,7 +97,9 @@ class ConceptScorer(Scorer):
         pa.field(schema.CONCEPT, pa.string()),
         pa.field(schema.CONCEPT_CONFIDENCE, pa.float32()),
     )
-    resources = Resources(num_cpus=0.5, batch_size=1024)
+    # clip backend: a matmul over stored embeddings per batch, but each actor holds a whole CLIP (for its
+    # prompt vectors), so one actor is enough and many would only multiply that memory
+    resources = Resources(num_cpus=0.5, batch_size=1024, max_workers=1)
     stateful = True
     Options = ConceptOptions
     options: ConceptOptions

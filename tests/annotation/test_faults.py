@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from annotation import schema as S
 from annotation.client import LabelStudioAuthError, LabelStudioClient, LabelStudioUnavailable
-from annotation.curation import pull_round, push_round, round_status
+from annotation.curation import AnnotationError, pull_round, push_round, round_status
 from annotation.rounds import get_round
 from annotation.simulated import SimulatedAnnotator, full_answers, hash_rule
 
@@ -104,3 +105,14 @@ def test_gold_failing_annotator_is_flagged_and_bad_answers_excluded(labelstudio,
     assert by[("mallory@needles.test", False)] == "annotator_failed_gold"
     assert by[("frank@needles.test", False)] is None
     assert [r[S.EXCLUSION_REASON] for r in rows if r[S.ANNOTATOR] == "gina@needles.test"] == ["missing_fields:lighting"]
+
+
+def test_a_gold_image_that_is_also_in_the_pool_is_refused_by_name(labelstudio, photo_pool, tmp_path):
+    """A pool row that is a gold task would never be decided: the push says so instead of losing it."""
+    pool = pq.read_table(photo_pool)
+    rows = pool.slice(0, 1).to_pylist()
+    rows[0][S.GOLD_ANSWER] = "keep"
+    gold = tmp_path / "gold-from-pool.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pool.schema.append(pa.field(S.GOLD_ANSWER, pa.string()))), gold)
+    with pytest.raises(AnnotationError, match=f"row {rows[0]['id']} is also a gold task"):
+        push_round(photo_pool, get_round("generalist"), "goldpool", tmp_path, labelstudio.settings(), gold=gold)

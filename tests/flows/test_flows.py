@@ -123,3 +123,14 @@ def test_label_studio_down_when_a_round_starts_fails_with_a_clear_message(tmp_pa
         push_stage.fn(str(pool), "generalist", 1, "down", str(tmp_path / "work"))
     assert "127.0.0.1" in str(failure.value) and time.monotonic() - started < 30
     assert push_stage.retries == 2
+
+
+def test_campaign_names_fit_label_studio_and_differ_per_run_folder():
+    from annotation.curation import _check_campaign
+    from flows.curate import campaign_name
+
+    long = campaign_name("data/runs/quality-set-2024-06-portraits-and-landscapes")
+    _check_campaign(long)  # fits the 30 characters project titles leave (it once failed the push)
+    assert long.startswith("quality-set-2024-06-p")
+    assert campaign_name("data/a/quality-set") != campaign_name("data/b/quality-set")
+    assert campaign_name("data/a/quality-set") == campaign_name("data/a/../a/quality-set")

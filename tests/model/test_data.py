@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+from PIL import Image
 
 from model.data import (BalancedBucketSampler, DataError, assign_buckets, make_buckets, nearest_bucket,
                         read_captioned, split_validation)
@@ -75,3 +76,19 @@ def test_the_latent_cache_is_rebuilt_when_its_buckets_would_change(tmp_path):
     assert len(mixed.buckets) == 2 and sum(encoded) == 24
     folded = build([1.0, 0.5, 2.0], 7)  # 6 of each: a bucket needs 7, so all fold into one
     assert len(folded.buckets) == 1 and sum(encoded) == 36
+
+
+def test_parquet_rows_that_name_their_image_by_path_or_file_uri_are_read(tmp_path):
+    """The pool keeps either the bytes or the image's local path (plain or file://): both load."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import schema
+
+    folder = write_imagefolder(tmp_path / "set", 2)
+    files = sorted((folder / "images").glob("*.jpg"))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({schema.IMAGE_PATH: [str(files[0]), files[1].as_uri()], schema.CAPTION: ["a", "b"]}),
+                   tmp_path / "pq" / "shard-00000.parquet")
+    items, report = read_captioned(tmp_path / "pq")
+    assert report.usable == 2 and [it.load().size for it in items] == [Image.open(f).size for f in files]

@@ -64,6 +64,9 @@ def test_the_score_is_the_aesthetic_and_clip_score_of_the_samples(score_options,
 def test_a_typo_in_the_scorer_options_fails_when_the_config_loads(score_options):
     with pytest.raises(ValueError, match="sample.score.clip"):
         load_config("tiny", [f"sample.score={json.dumps(score_options | {'clip': {'modle': 'ViT-L-14'}})}"])
+    laion = {"model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"}
+    with pytest.raises(ValueError, match="trained on ViT-L-14 openai embeddings"):
+        load_config("tiny", [f"sample.score={json.dumps(score_options | {'clip': laion, 'aesthetic': {}})}"])
 
 
 def test_quality_tuning_keeps_the_best_sample_score_and_stops_on_it(score_options, frozen, curated_dir, tmp_path):

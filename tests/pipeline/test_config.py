@@ -112,3 +112,17 @@ def test_every_threshold_filter_is_a_config_key_and_reads_a_schema_column():
 
 def test_clip_threshold_follows_the_clip_scorers_scale():
     assert parse_config({"scorers": {"clip": {"scale": 100}}, "filters": {"min_clip_score": 28}}).filters.min_clip_score == 28
+
+
+def test_aesthetic_and_concept_must_read_the_clip_scorers_embeddings():
+    """Same-width embeddings of another CLIP would be scored silently and wrongly: refuse the config."""
+    laion = {"model": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"}
+    with pytest.raises(ConfigError, match="trained on ViT-L-14 openai embeddings, not ViT-L-14 laion2b_s32b_b82k"):
+        parse_config({"scorers": {"clip": laion, "aesthetic": {}}})
+    with pytest.raises(ConfigError, match="scorers.concept.clip .* is not the CLIP the clip scorer runs"):
+        parse_config({"scorers": {"clip": laion, "concept": {}}})
+    # the same CLIP in both places, a head for it, or a local checkpoint (origin unknown) pass
+    parse_config({"scorers": {"clip": laion, "concept": {"clip": laion}}})
+    parse_config({"scorers": {"clip": {}, "aesthetic": {}, "concept": {}}})
+    local = {"model": "ViT-L-14", "pretrained": None, "checkpoint": "/models/my-clip.pt"}
+    parse_config({"scorers": {"clip": local, "aesthetic": {}, "concept": {"clip": local}}})

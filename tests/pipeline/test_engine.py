@@ -135,14 +135,19 @@ def test_scorer_output_is_checked():
     assert empty.num_rows == 0 and schema.ASPECT_RATIO in empty.column_names
 
 
-def test_a_gpu_actor_asks_for_its_decode_threads_but_leaves_cpus_for_the_reads():
-    from pipeline.engine import _actor_cpus
+def test_gpu_actors_ask_for_their_decode_threads_share_scarce_gpus_and_leave_cpus_for_the_reads():
+    from pipeline.engine import _actor_resources, _pool_size
     from pipeline.scorers import build_scorer
 
     clip = build_scorer("clip", {"device": "cuda", "checkpoint": "unused.pt", "pretrained": None})
     assert clip.resources.num_gpus == 1 and clip.resources.num_cpus == 8  # 8 decode threads on CUDA
-    assert _actor_cpus(clip, {"CPU": 128, "GPU": 8}) == 8  # 16 CPUs per GPU: room for all 8
-    assert _actor_cpus(clip, {"CPU": 16, "GPU": 4}) == 3  # 4 per GPU: 3, one left for reads
-    assert _actor_cpus(clip, {"CPU": 4, "GPU": 4}) == 1
+    one_stage = lambda cluster: _actor_resources(clip, cluster, gpu_stages=1)  # noqa: E731
+    assert one_stage({"CPU": 128, "GPU": 8}).num_cpus == 8  # 16 CPUs per GPU: room for all 8
+    assert one_stage({"CPU": 16, "GPU": 4}).num_cpus == 3  # 4 per GPU: 3, one left for reads
+    assert one_stage({"CPU": 4, "GPU": 4}).num_cpus == 1
+    # three GPU stages on one GPU (clip, ocr, nsfw on cuda): each asks for a third, so all three hold an actor
+    shared = _actor_resources(clip, {"CPU": 16, "GPU": 1}, gpu_stages=3)
+    assert shared.num_gpus == pytest.approx(1 / 3) and shared.num_cpus == pytest.approx(16 / 3 - 1)
+    assert _pool_size("clip", shared, {"CPU": 16, "GPU": 1}) == 3
     ocr = build_scorer("ocr", {"device": "cpu"})
-    assert _actor_cpus(ocr, {"CPU": 2}) == ocr.resources.num_cpus == 1
+    assert _actor_resources(ocr, {"CPU": 2}, gpu_stages=0) == ocr.resources
