@@ -4,6 +4,8 @@
     python -m model pretrain  --preset sd15 --data POOL --out OUT
     python -m model train-autoencoder --preset tiny --data IMAGES --out OUT
     python -m model sample    --checkpoint OUT/quality_tune/best --prompt "a red fox" --out fox.png
+    python -m model generate  --checkpoint base=BASE --checkpoint tuned=TUNED --prompts parti --n 64 --seeds 2 --out RUN/generate
+    python -m model judge     --run RUN [--reference POOL_OR_IMAGES]
 
 ``--set key=value`` overrides any config field (``--set quality_tune.max_steps=500``). Multi-GPU:
 ``torchrun --nproc_per_node 8 -m model train-qt ...`` (``make train-qt GPUS=8``) or ``accelerate launch -m
@@ -43,15 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
     s.add_argument("--seed", type=int, default=0)
+    _add_evaluation_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from model.data import DataError
+    from pipeline.errors import UserError
     from pipeline.weights import WeightsError
 
     try:
         return _run(args)
-    except (DataError, FileNotFoundError, ValueError, WeightsError) as e:
+    except (DataError, FileNotFoundError, ValueError, WeightsError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -94,6 +98,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"autoencoder in {args.out / 'autoencoder'}: " +
               (f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}" if metrics else "already trained"))
         return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "judge":
+        return _judge(args)
     return _sample(args)
 
 
@@ -121,6 +129,76 @@ def _sample(args: argparse.Namespace) -> int:
     make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols).save(args.out)
     print(f"wrote {args.out} ({len(images)} images, {images[0].width}x{images[0].height})")
     return 0
+
+
+def _add_evaluation_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="images of a prompt set from several checkpoints (same prompts and seeds)")
+    g.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a pipeline folder, labelled NAME (default: its folder name); repeat for each checkpoint, baseline first")
+    g.add_argument("--prompts", required=True, help="parti | drawbench | a .tsv/.csv/.txt/.parquet/.jsonl file")
+    g.add_argument("--n", type=int, help="prompts in all, spread equally over the categories")
+    g.add_argument("--per-category", type=int, help="at most this many prompts per category")
+    g.add_argument("--category", action="append", dest="categories", help="only this category (repeatable)")
+    g.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt sampling")
+    g.add_argument("--seeds", type=int, default=1, help="images per prompt and checkpoint (seeds 0..K-1)")
+    g.add_argument("--out", required=True, type=Path, help="RUN/generate")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance-scale", type=float, default=5.0)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--batch-size", type=int, default=8)
+    j = sub.add_parser("judge", help="automatic judges of RUN/generate's images -> RUN/judges")
+    j.add_argument("--run", required=True, type=Path, help="the evaluation run folder (holds generate/)")
+    j.add_argument("--reference", type=Path, help="reference images for KID/FD/CMMD: image folder, imagefolder or pool/curated Parquet")
+    j.add_argument("--reference-limit", type=int, default=5000, help="use a seeded sample of this many reference images")
+    j.add_argument("--clip-model", default="ViT-L-14", help="open_clip architecture (the pipeline's default)")
+    j.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag, staged by `make weights`")
+    j.add_argument("--clip-checkpoint", help="a local open_clip checkpoint file instead of --clip-pretrained")
+    j.add_argument("--aesthetic-head", help="LAION aesthetic head: a known name or a .pth path (default: the pipeline's)")
+    j.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    j.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the KID subsets")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from model.evaluation import load_prompts
+    from model.evaluation.generate import checkpoint_labels, generate
+
+    prompts = load_prompts(args.prompts, n=args.n, per_category=args.per_category, categories=args.categories,
+                           seed=args.prompt_seed)
+    checkpoints = checkpoint_labels(args.checkpoint)
+    manifest = generate(checkpoints, prompts, args.seeds, args.out, steps=args.steps, guidance_scale=args.guidance_scale,
+                        height=args.height, width=args.width, batch_size=args.batch_size)
+    print(f"{prompts.num_rows} prompts x {args.seeds} seeds x {len(checkpoints)} checkpoints "
+          f"({', '.join(f'{k}={v}' for k, v in checkpoints.items())})")
+    print(f"manifest: {manifest}")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from model.evaluation import EvalLayout
+    from model.evaluation.judges import judge
+
+    layout = EvalLayout(args.run)
+    clip = {"model": args.clip_model, "device": args.device,
+            **({"checkpoint": args.clip_checkpoint, "pretrained": None} if args.clip_checkpoint else {"pretrained": args.clip_pretrained})}
+    summary = judge(layout.generate, layout.judges, args.reference, clip=clip,
+                    aesthetic={"head": args.aesthetic_head} if args.aesthetic_head else None,
+                    ocr={"device": args.device}, reference_limit=args.reference_limit, seed=args.seed)
+    for label, metrics in summary["per_checkpoint"].items():
+        print(f"{label}: " + "; ".join(f"{m} {_stat(s)}" for m, s in metrics.items()))
+    for label, value in summary.get("distribution", {}).get("kid", {}).items():
+        print(f"{label}: KID {value['mean']:.4f} ± {value['std']:.4f} (subsets of {value['subset_size']})")
+    for name, reason in summary["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    print(f"judges: {layout.judges_table}\nsummary: {layout.judges_summary}")
+    return 0
+
+
+def _stat(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    ci = f" [{stat['ci'][0]:.3g}, {stat['ci'][1]:.3g}]" if stat["ci"] else ""
+    return f"{stat['mean']:.3g}{ci}"
 
 
 if __name__ == "__main__":

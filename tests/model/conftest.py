@@ -95,3 +95,12 @@ def frozen() -> Frozen:
 @pytest.fixture(scope="module")
 def curated_dir(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("curated"), 12)
+
+
+def export_tiny_pipeline(out: Path, frozen: Frozen, seed: int = 0, resolution: int = 64) -> Path:
+    """A pipeline folder around the tiny frozen models with a RANDOM tiny UNet (``seed``): no training, for
+    tests of what reads checkpoints (its images are noise-like; ``resolution`` sets the latent size)."""
+    from model.train import build_unet, export_pipeline
+
+    cfg = tiny(f"seed={seed}")
+    return export_pipeline(out, build_unet(cfg, frozen, resolution), frozen, cfg, scaling_factor=0.5)
