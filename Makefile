@@ -23,7 +23,7 @@ DEMO_PARAMS := {"sources": ["$(DATA)/sample"], "run_dir": "$(DATA)/runs/demo", "
   "generalist_target": 60, "specialist_target": 20, "annotator_mode": "simulated", "train": true, "preset": "tiny", \
   "train_overrides": ["autoencoder.train_steps=30", "pretrain.0.max_steps=10", "pretrain.1.max_steps=5", "quality_tune.max_steps=15"]}
 
-.PHONY: install test demo up down sample pipeline-demo weights config labelstudio-install labelstudio labelstudio-stop train-qt clean
+.PHONY: install test demo up down sample pipeline-demo weights config labelstudio-install labelstudio labelstudio-stop train-qt eval clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -68,6 +68,22 @@ pipeline-demo: sample
 train-qt: install
 	@test -n "$(CURATED)" || { echo "no curated set under $(DATA)/: run 'make demo' or pass CURATED=path"; exit 2; }
 	$(TRAIN_LAUNCH) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s))
+
+# Did quality-tuning help? `make eval BASE=pipeline TUNED=pipeline`: generations of both on the same prompts and
+# seeds, the automatic judges, then human A/B rounds in Label Studio (the run suspends until people have voted;
+# ANNOTATORS=simulated for scripted demo voters). Without BASE/TUNED: the demo's checkpoints, simulated voters.
+ifeq ($(origin BASE),undefined)
+ANNOTATORS ?= simulated
+else
+ANNOTATORS ?= people
+endif
+BASE ?= $(shell $(PY) -c "from flows.evaluate import latest_checkpoints; print(latest_checkpoints()[0])" 2>/dev/null)
+TUNED ?= $(shell $(PY) -c "from flows.evaluate import latest_checkpoints; print(latest_checkpoints()[1])" 2>/dev/null)
+EVAL_RUN ?= $(DATA)/runs/eval
+EVAL_ARGS ?= $(if $(filter simulated,$(ANNOTATORS)),--n-prompts 12 --seeds 2 --steps 8,)
+eval: up
+	@test -n "$(BASE)" -a -n "$(TUNED)" || { echo "no checkpoints: pass BASE=pipeline TUNED=pipeline, or run 'make demo' first"; exit 2; }
+	$(PY) -m flows evaluate --base $(BASE) --tuned $(TUNED) --run-dir $(EVAL_RUN) --annotators $(ANNOTATORS) $(EVAL_ARGS)
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))

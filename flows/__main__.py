@@ -1,10 +1,11 @@
-"""``python -m flows <serve|relay|up|down|where>``
+"""``python -m flows <serve|relay|up|down|where|evaluate>``
 
-serve   serve the deployments curate/quality-set and train-qt/train-qt (a long-running process)
-relay   resume suspended curate runs when their annotation round completes (a long-running process)
+serve   serve the deployments curate/quality-set, train-qt/train-qt and evaluate/ab-test (a long-running process)
+relay   resume suspended curate and evaluate runs when their annotation round completes (a long-running process)
 up      start the local stack: Prefect server, serve, relay, Label Studio (PID files in .run/)
 down    stop all of them by PID
 where   print where the latest curated set, report and checkpoint are
+evaluate  run the evaluate/ab-test deployment on two checkpoints (--base, --tuned) and print where the report is
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def serve() -> None:
     from prefect import serve as prefect_serve
 
     from flows.curate import curate
+    from flows.evaluate import evaluate
     from flows.train import train_qt
 
     prefect_serve(
@@ -28,6 +30,8 @@ def serve() -> None:
             description="Emu-style curation: automatic filters -> pool -> generalist -> specialist -> curated set",
         ),
         train_qt.to_deployment(name="train-qt", description="quality-tune the LDM on the latest curated set"),
+        evaluate.to_deployment(name="ab-test", description="did quality-tuning help? generations, automatic "
+                               "judges, human A/B rounds in Label Studio, report"),
     )
 
 
@@ -42,11 +46,55 @@ def where(root: Path = Path("data")) -> None:
     print(f"sample grids: {newest('**/train-qt/**/samples/*.png')}")
 
 
+def run_evaluation(args: argparse.Namespace) -> int:
+    """Start the ``evaluate/ab-test`` deployment; with simulated voters wait for it and print the report's
+    path, with people print where to follow it (the run suspends until they have voted)."""
+    from prefect.deployments import run_deployment
+    from pydantic import ValidationError
+
+    from flows.params import EvalParams
+
+    checkpoints = {"tuned": str(Path(args.tuned).resolve()), "base": str(Path(args.base).resolve())}
+    try:  # every parameter checked before the run starts, with the reason in one line each
+        params = EvalParams(checkpoints=checkpoints, baseline="base", run_dir=str(Path(args.run_dir).resolve()),
+                            prompts=args.prompts, n_prompts=args.n_prompts, seeds=args.seeds, steps=args.steps,
+                            reference=args.reference, criteria=args.criteria, annotator_mode=args.annotators)
+    except ValidationError as error:
+        for e in error.errors():
+            print(f"error: {'.'.join(map(str, e['loc']))}: {e['msg']}", file=sys.stderr)
+        return 2
+    wait = args.annotators == "simulated"
+    run = run_deployment("evaluate/ab-test", parameters=params.model_dump(exclude_defaults=True) | {
+        "checkpoints": checkpoints, "run_dir": params.run_dir}, timeout=None if wait else 0)
+    if not wait:
+        print(f"evaluation run {run.id} started: it suspends while people vote in Label Studio and the relay resumes "
+              f"it; follow it in the Prefect UI, the report will be {Path(params.run_dir) / 'report' / 'index.html'}")
+        return 0
+    if not run.state.is_completed():
+        print(f"evaluation run {run.id} ended {run.state.name}: {run.state.message}", file=sys.stderr)
+        return 1
+    print(f"evaluation report: {Path(params.run_dir) / 'report' / 'index.html'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["serve", "relay", "up", "down", "where"])
+    parser.add_argument("command", choices=["serve", "relay", "up", "down", "where", "evaluate"])
     parser.add_argument("--no-labelstudio", action="store_true", help="up/down: leave Label Studio alone")
+    group = parser.add_argument_group("evaluate")
+    group.add_argument("--base", help="the baseline pipeline folder")
+    group.add_argument("--tuned", help="the quality-tuned pipeline folder")
+    group.add_argument("--run-dir", default="data/runs/eval")
+    group.add_argument("--annotators", choices=["people", "simulated"], default="people")
+    group.add_argument("--prompts", default="parti", help="parti, drawbench or a prompt file")
+    group.add_argument("--n-prompts", type=int)
+    group.add_argument("--seeds", type=int, default=2)
+    group.add_argument("--steps", type=int, default=25)
+    group.add_argument("--reference", help="reference images for KID (folder, imagefolder or Parquet)")
+    group.add_argument("--criteria", nargs="*", default=["appeal", "faithfulness", "flaws"])
     args = parser.parse_args(argv)
+    if args.command == "evaluate" and not (args.base and args.tuned):
+        parser.error("evaluate needs --base and --tuned")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from flows import stack
 
@@ -60,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.up(with_labelstudio=not args.no_labelstudio)
     elif args.command == "down":
         stack.down(with_labelstudio=not args.no_labelstudio)
+    elif args.command == "evaluate":
+        return run_evaluation(args)
     else:
         where()
     return 0

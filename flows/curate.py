@@ -14,19 +14,16 @@ answered from the cache.
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.context import get_run_context
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.caching import stage_key
 from flows.params import CurateParams
-
-WAITING_FILE = "waiting.json"  # RUN/annotation/<round>/waiting.json: which flow run waits on the round
+from flows.waiting import done_waiting, wait_for_people
 
 
 def _config(config: str | None, pool_size: int | None = None):
@@ -182,8 +179,6 @@ def pull_stage(pool: str, round_name: str, target: int, campaign: str, work: str
 
 def human_round(round_name: str, pool: str, params: CurateParams, campaign: str, work: Path) -> str:
     """Push the pool, wait for people (suspended), then pull, decide and return the next round's pool."""
-    from prefect.flow_runs import suspend_flow_run
-
     target = params.generalist_target if round_name == "generalist" else params.specialist_target
     push_stage(pool, round_name, target, campaign, str(work))
     if params.annotator_mode == "simulated":
@@ -191,29 +186,15 @@ def human_round(round_name: str, pool: str, params: CurateParams, campaign: str,
         simulate_stage(round_name, target, campaign, 0.5 if round_name == "generalist" else 0.8)
     status = status_stage(round_name, target, campaign)
     if not status["complete"]:
-        ctx = get_run_context()
-        waiting = work / round_name / WAITING_FILE
-        waiting.parent.mkdir(parents=True, exist_ok=True)
-        waiting.write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), "round": round_name, "target": target,
-                                       "campaign": campaign}))
-        create_table_artifact(
-            [{"round": round_name, "tasks": status.get("tasks"), "remaining": status["remaining"]}],
-            key=f"{round_name}-progress",
-            description=f"{round_name} round open: waiting for annotators in Label Studio",
-        )
-        get_run_logger().info("%s round: %s tasks remain; suspending until the round completes",
-                              round_name, status["remaining"])
-        if ctx.flow_run.deployment_id is None:
-            # Not a deployment run (e.g. called in-process): nothing could re-execute a suspended run,
-            # so wait here instead (polling + webhook), holding this process.
-            from annotation.curation import wait_for_round
+        from annotation.curation import wait_for_round
 
-            wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s)
-        else:
-            # a fresh key: a run resumed (e.g. by hand) while the round is still open suspends again
-            suspend_flow_run(timeout=params.round_timeout_s, key=f"round-{round_name}-{uuid.uuid4().hex}")
+        wait_for_people(
+            work / round_name, {"kind": "curation", "round": round_name, "target": target, "campaign": campaign},
+            status.get("tasks"), status["remaining"], params.round_timeout_s,
+            lambda: wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s),
+        )
     next_pool = pull_stage(pool, round_name, target, campaign, str(work))
-    (work / round_name / WAITING_FILE).unlink(missing_ok=True)  # the relay must not wake us for this round again
+    done_waiting(work / round_name)
     return next_pool
 
 

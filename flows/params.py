@@ -61,3 +61,49 @@ class TrainParams(BaseModel):
     out_dir: str = Field("data/train-qt", description="checkpoints, sample grids, TensorBoard logs")
     preset: str = Field("tiny", description="tiny (CPU), mid, sd15 (GPU)")
     overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")
+
+
+class EvalParams(BaseModel):
+    """Did quality-tuning help? Generations of every checkpoint on the same prompts and seeds, the automatic
+    judges, then human A/B rounds of each candidate against the baseline (Emu §4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: dict[str, str] = Field(
+        min_length=2, description="label -> diffusers pipeline folder; every one but the baseline is a candidate")
+    baseline: str = Field("base", description="the label of the checkpoint the candidates are compared against")
+    run_dir: str = Field("data/runs/eval", description="where generations, judges, A/B rounds and the report go")
+    prompts: str = Field("parti", description="parti, drawbench or a prompt file (.tsv/.csv/.txt/.jsonl/.parquet)")
+    n_prompts: int | None = Field(None, ge=1, description="prompts to draw (seeded, balanced over categories); default all")
+    seeds: int = Field(2, ge=1, description="images per prompt and checkpoint (seeds 0..K-1, the same for every checkpoint)")
+    steps: int = Field(25, ge=1, description="sampling steps")
+    guidance_scale: float = Field(5.0, ge=0.0, description="classifier-free guidance scale")
+    resolution: int | None = Field(None, ge=8, description="image side in pixels; default the checkpoints' own")
+    reference: str | None = Field(None, description="reference images for KID (folder, imagefolder or Parquet)")
+    criteria: list[Literal["appeal", "faithfulness", "flaws"]] = Field(
+        ["appeal", "faithfulness", "flaws"], description="A/B questions; empty: automatic judges only")
+    votes_per_pair: dict[str, int] = Field(default_factory=dict, description="override votes per pair, by criterion")
+    annotator_mode: Literal["people", "simulated"] = Field(
+        "people", description="people: wait for annotators in Label Studio; simulated: demo/test voters preferring the sharper image")
+    round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long a suspended A/B round may wait for people")
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _pipelines_exist(cls, checkpoints: dict[str, str]) -> dict[str, str]:
+        bad = [f"{label}={path}" for label, path in checkpoints.items() if not (Path(path) / "model_index.json").is_file()]
+        if bad:
+            raise ValueError(f"not a diffusers pipeline folder (no model_index.json): {', '.join(bad)}")
+        return checkpoints
+
+    @model_validator(mode="after")
+    def _baseline_known(self) -> EvalParams:
+        if self.baseline not in self.checkpoints:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the checkpoints {sorted(self.checkpoints)}")
+        unknown = set(self.votes_per_pair) - set(self.criteria)
+        if unknown:
+            raise ValueError(f"votes_per_pair names criteria not evaluated: {sorted(unknown)}")
+        return self
+
+    @property
+    def candidates(self) -> list[str]:
+        return [label for label in self.checkpoints if label != self.baseline]

@@ -1,8 +1,11 @@
 """The relay between Label Studio and Prefect: every ``poll_s`` seconds it looks at the suspended runs of
-the ``curate`` flow, asks Label Studio whether the round each one waits on is complete, and resumes those
-through Prefect's REST API (retrying on 503, which Prefect's SQLite answers while "database is locked").
+the flows that wait on people (``curate``: the curation rounds; ``evaluate``: the A/B rounds), asks Label
+Studio whether the round each one waits on is complete, and resumes those through Prefect's REST API
+(retrying on 503, which Prefect's SQLite answers while "database is locked").
 
-Which round a run waits on is written by the flow itself in RUN/annotation/<round>/waiting.json.
+Which round a run waits on is written by the flow itself in a ``waiting.json`` beside the round's files:
+RUN/annotation/<round>/waiting.json (curation, ``"kind": "curation"``) or RUN/ab/<criterion>/waiting.json
+(evaluation, ``"kind": "ab"``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ def api_url() -> str:
     return url.rstrip("/")
 
 
-def suspended_curate_runs(http: httpx.Client) -> list[dict]:
+#: flows whose runs suspend while people annotate, and where under their run_dir they say what they wait on
+WAITING_GLOBS = {"curate": "annotation/*/waiting.json", "evaluate": "ab/*/waiting.json"}
+
+
+def suspended_runs(http: httpx.Client) -> list[dict]:
     body = {
-        "flows": {"name": {"any_": ["curate"]}},
+        "flows": {"name": {"any_": sorted(WAITING_GLOBS)}},
         "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}},
         "limit": 200,
     }
@@ -57,7 +64,8 @@ def waiting_round(run: dict) -> dict | None:
     if not run_dir:
         return None
     # The flow removes a round's record once it has pulled it; newest first in case one was left.
-    for waiting in sorted(Path(run_dir, "annotation").glob("*/waiting.json"), key=lambda p: -p.stat().st_mtime):
+    files = [f for pattern in WAITING_GLOBS.values() for f in Path(run_dir).glob(pattern)]
+    for waiting in sorted(files, key=lambda p: -p.stat().st_mtime):
         info = json.loads(waiting.read_text())
         if info.get("flow_run_id") == run["id"]:
             return info
@@ -66,18 +74,25 @@ def waiting_round(run: dict) -> dict | None:
 
 def round_complete(info: dict) -> tuple[bool, int]:
     from annotation.client import LabelStudioSettings
-    from annotation.curation import round_status
-    from annotation.rounds import get_round
 
-    status = round_status(get_round(info["round"], target_size=info["target"]), info["campaign"],
-                          LabelStudioSettings.from_env(), per_annotator=False)
+    settings = LabelStudioSettings.from_env()
+    if info.get("kind") == "ab":
+        from annotation.abtest import ab_status, get_criterion
+
+        status = ab_status(get_criterion(info["round"], votes_per_pair=info.get("votes")), info["campaign"], settings)
+    else:
+        from annotation.curation import round_status
+        from annotation.rounds import get_round
+
+        status = round_status(get_round(info["round"], target_size=info["target"]), info["campaign"], settings,
+                              per_annotator=False)
     return status.complete, status.remaining
 
 
 def check_once(http: httpx.Client) -> list[str]:
-    """Resume every suspended curate run whose round is complete; returns their ids."""
+    """Resume every suspended run whose round is complete; returns their ids."""
     resumed = []
-    for run in suspended_curate_runs(http):
+    for run in suspended_runs(http):
         info = waiting_round(run)
         if info is None:
             continue

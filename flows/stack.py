@@ -171,7 +171,7 @@ def up(with_labelstudio: bool = True) -> None:
     prefect_server().start(env)
     serve_process().start(env)
     relay_process().start(env)
-    wait_for_deployments(env["PREFECT_API_URL"], ["curate/quality-set", "train-qt/train-qt"])
+    wait_for_deployments(env["PREFECT_API_URL"], ["curate/quality-set", "train-qt/train-qt", "evaluate/ab-test"])
     if with_labelstudio:
         labelstudio("install")
         labelstudio("start")  # returns at once when it runs already

@@ -56,7 +56,7 @@ def prefect_stack(tmp_path_factory, labelstudio_for_flows):
     serve = serve_process(state_dir=state, cwd=workdir)
     serve.start(env)
     stack = Stack(env=env, api=env["PREFECT_API_URL"], workdir=workdir, server=server)
-    wait_for_deployments(stack.api, ["curate/quality-set", "train-qt/train-qt"], timeout_s=180)
+    wait_for_deployments(stack.api, ["curate/quality-set", "train-qt/train-qt", "evaluate/ab-test"], timeout_s=180)
     yield stack
     serve.stop()
     server.stop()
