@@ -1,4 +1,5 @@
 """python -m annotation <push|status|pull|export|simulate> --round generalist|specialist ...
+python -m annotation <ab-pairs|ab-push|ab-status|ab-pull|ab-simulate> --criterion appeal|faithfulness|flaws ...
 
 Label Studio is found from LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or LABEL_STUDIO_USER_TOKEN) and
 LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (defaults: those of annotation/labelstudio/start.sh).
@@ -8,6 +9,13 @@ LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (defaults: those of annotation/labelstudi
     pull      annotations -> WORK/<round>/annotations.parquet, then decisions and the next pool
     export    a pool (the specialist round's next pool) -> curated Parquet + imagefolder
     simulate  DEMO ONLY: scripted annotators answer the open tasks (see annotation/simulated.py)
+
+The human A/B rounds of the evaluation stage (annotation/abtest.py; WORK is RUN/ab):
+    ab-pairs     generation manifest -> WORK/<criterion>/pairs.parquet (comparisons, gold, swapped repeats)
+    ab-push      pairs -> tasks in the criterion's projects (idempotent)
+    ab-status    counts, remaining, per-annotator progress and gold flags (JSON); --wait blocks until done
+    ab-pull      votes -> WORK/<criterion>/votes.parquet, then summary.json (both rules, gold, bias, kappa)
+    ab-simulate  DEMO ONLY: scripted voters prefer the sharper image
 """
 
 from __future__ import annotations
@@ -19,12 +27,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from annotation.abtest import (
+    CRITERIA, ab_status, build_pairs, get_criterion, pull_ab, push_ab, simulate_ab, summarise_ab, wait_for_ab,
+)
 from annotation.client import LabelStudioClient, LabelStudioError, LabelStudioSettings
 from annotation.curation import decide_round, pull_round, push_round, round_status, wait_for_round
 from annotation.export import export_curated
 from annotation.layout import curated_dir
 from annotation.rounds import ROUNDS, AnnotationError, get_round
 from annotation.simulated import simulate_round
+from pipeline.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["export"].add_argument("--out", type=Path, help="default: WORK/curated")
     sub.choices["simulate"].add_argument("--annotators", type=int, default=2)
     sub.choices["simulate"].add_argument("--keep-fraction", type=float, default=0.5)
+    _add_ab_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
+    if args.command.startswith("ab-"):
+        return _run_ab(args)
 
     overrides = {k: v for k, v in (("target_size", args.target_size), ("overlap", args.overlap)) if v}
     round_ = get_round(args.round, **overrides) if args.round else None
@@ -74,6 +89,55 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {count} tasks")
     except (LabelStudioError, AnnotationError, FileNotFoundError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_ab_commands(sub: argparse._SubParsersAction) -> None:
+    for name in ("ab-pairs", "ab-push", "ab-status", "ab-pull", "ab-simulate"):
+        p = sub.add_parser(name)
+        p.add_argument("--criterion", choices=sorted(CRITERIA), required=True)
+        p.add_argument("--work", type=Path, default=Path("runs/eval/ab"), help="RUN/ab of the evaluation run")
+        if name != "ab-pairs":
+            p.add_argument("--campaign", default="needles", help="names the Label Studio projects")
+            p.add_argument("--votes", type=int, help="override the criterion's votes per pair")
+    pairs = sub.choices["ab-pairs"]
+    pairs.add_argument("--manifest", type=Path, required=True, help="RUN/generate (holds manifest.parquet)")
+    pairs.add_argument("--a", required=True, help="checkpoint label of the candidate (e.g. tuned)")
+    pairs.add_argument("--b", required=True, help="checkpoint label of the baseline (e.g. base)")
+    pairs.add_argument("--seed", type=int, default=0, help="seeds the left/right coin flips, gold and repeats")
+    pairs.add_argument("--gold-fraction", type=float, default=0.05)
+    pairs.add_argument("--repeat-fraction", type=float, default=0.05)
+    sub.choices["ab-status"].add_argument("--wait", type=float, metavar="SECONDS", help="block until complete")
+    sub.choices["ab-simulate"].add_argument("--voters", type=int, default=3)
+    sub.choices["ab-simulate"].add_argument("--noise", type=float, default=0.0)
+    sub.choices["ab-simulate"].add_argument("--skip-rate", type=float, default=0.0)
+
+
+def _run_ab(args: argparse.Namespace) -> int:
+    try:
+        criterion = get_criterion(args.criterion, getattr(args, "votes", None))
+        if args.command == "ab-pairs":
+            print(build_pairs(args.manifest, args.a, args.b, criterion, args.work, seed=args.seed,
+                              gold_fraction=args.gold_fraction, repeat_fraction=args.repeat_fraction))
+            return 0
+        settings = LabelStudioSettings.from_env()
+        if args.command == "ab-push":
+            print(json.dumps(asdict(push_ab(criterion, args.campaign, args.work, settings)), indent=2))
+        elif args.command == "ab-status":
+            if args.wait:
+                wait_for_ab(criterion, args.campaign, settings, timeout_s=args.wait)
+            print(json.dumps(ab_status(criterion, args.campaign, settings, work=args.work).to_dict(), indent=2))
+        elif args.command == "ab-pull":
+            print(pull_ab(criterion, args.campaign, args.work, settings))
+            print(summarise_ab(criterion, args.work).read_text())
+        else:
+            done = simulate_ab(LabelStudioClient(settings), criterion, args.campaign, args.voters, args.noise,
+                               args.skip_rate)
+            for name, count in done.items():
+                print(f"{name}: {count['answered']} answered, {count['skipped']} skipped")
+    except (LabelStudioError, AnnotationError, UserError, FileNotFoundError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)  # UserError: the manifest reader's (model.evaluation)
         return 1
     return 0
 

@@ -55,3 +55,55 @@ class RoundLayout:
 
 def curated_dir(work: Path) -> Path:
     return Path(work) / "curated"
+
+
+@dataclass(frozen=True)
+class ABLayout:
+    """Where one criterion's human A/B round writes (issue 10), ``work`` being RUN/ab:
+
+        RUN/ab/<criterion>/pairs.parquet            the pairs shown (annotation.schema.PAIRS_SCHEMA)
+        RUN/ab/<criterion>/pairs-quarantine.parquet manifest rows that could not become a pair, with a reason
+        RUN/ab/<criterion>/gold/                    the damaged copies the gold pairs show
+        RUN/ab/<criterion>/push-quarantine.parquet  pairs that could not become tasks, with a reason
+        RUN/ab/<criterion>/votes.parquet            every annotation pulled (annotation.schema.VOTES_SCHEMA)
+        RUN/ab/<criterion>/summary.json             outcomes by both rules, gold, consistency, bias, kappa
+        RUN/ab/<criterion>/waiting.json             written by the evaluate flow while the round is open
+    """
+
+    work: Path
+    criterion: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "work", Path(self.work))
+
+    @property
+    def root(self) -> Path:
+        return self.work / self.criterion
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs.parquet"
+
+    @property
+    def pairs_quarantine(self) -> Path:
+        return self.root / "pairs-quarantine.parquet"
+
+    @property
+    def gold_images(self) -> Path:
+        return self.root / "gold"
+
+    @property
+    def push_quarantine(self) -> Path:
+        return self.root / "push-quarantine.parquet"
+
+    @property
+    def votes(self) -> Path:
+        return self.root / "votes.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def waiting(self) -> Path:
+        return self.root / "waiting.json"
