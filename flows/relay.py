@@ -4,8 +4,8 @@ Studio whether the round each one waits on is complete, and resumes those throug
 (retrying on 503, which Prefect's SQLite answers while "database is locked").
 
 Which round a run waits on is written by the flow itself in a ``waiting.json`` beside the round's files:
-RUN/annotation/<round>/waiting.json (curation, ``"kind": "curation"``) or RUN/ab/<criterion>/waiting.json
-(evaluation, ``"kind": "ab"``).
+RUN/annotation/<round>/waiting.json (curation, ``"kind": "curation"``) or
+RUN/ab/<candidate>-vs-<baseline>/<criterion>/waiting.json (evaluation, ``"kind": "ab"``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def api_url() -> str:
 
 
 #: flows whose runs suspend while people annotate, and where under their run_dir they say what they wait on
-WAITING_GLOBS = {"curate": "annotation/*/waiting.json", "evaluate": "ab/*/waiting.json"}
+WAITING_GLOBS = {"curate": "annotation/*/waiting.json", "evaluate": "ab/*/*/waiting.json"}
 
 
 def suspended_runs(http: httpx.Client) -> list[dict]:
