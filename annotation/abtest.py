@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import time
-import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -59,14 +58,15 @@ from annotation.client import POOL_ID_KEY, LabelStudioClient, LabelStudioSetting
 from annotation.curation import (
     IMPORT_BATCH,
     MAX_TASKS_PER_PROJECT,
-    AnnotatorStatus,
     RoundStatus,
     _annotation_rows,
     _check_campaign,
+    add_per_annotator,
+    counted_status,
 )
 from annotation.images import NoImage, original_image, write_once
 from annotation.layout import ABLayout
-from annotation.rounds import ROUNDS_DIR, AnnotationError
+from annotation.rounds import ROUNDS_DIR, AnnotationError, Control, answers_from_result, read_controls, result_from_answers
 from pipeline.schema import DETAIL, ID, IMAGE_PATH, QUARANTINE_SCHEMA, REASON, SOURCE, SOURCE_KEY
 from pipeline.scorers.technical import TechnicalOptions, sharpness_and_contrast
 
@@ -117,12 +117,16 @@ class Criterion(BaseModel):
         return (ROUNDS_DIR / self.guideline_file).read_text()
 
     @cached_property
+    def controls(self) -> dict[str, Control]:
+        controls = read_controls(self.label_config)
+        decision = controls.get(self.decision_field)
+        if decision is None or decision.tag != "Choices":
+            raise ValueError(f"criterion {self.name!r}: no Choices {self.decision_field!r} in {self.label_config_file}")
+        return controls
+
+    @property
     def choices(self) -> tuple[str, ...]:
-        """The choice values of the label config, read from the XML so the file stays the one source."""
-        for element in ET.fromstring(self.label_config).iter("Choices"):
-            if element.attrib["name"] == self.decision_field:
-                return tuple(c.attrib["value"] for c in element.iter("Choice"))
-        raise ValueError(f"criterion {self.name!r}: no Choices {self.decision_field!r} in {self.label_config_file}")
+        return self.controls[self.decision_field].choices
 
     @model_validator(mode="after")
     def _config_matches(self) -> Criterion:
@@ -138,23 +142,13 @@ class Criterion(BaseModel):
         """The first choice meaning ``side`` (faithfulness: a tie is "Both")."""
         return next(choice for choice in self.choices if self.sides[choice] == side)
 
-    # The two methods curation's annotation rows read answers with (the same contract as rounds.Round).
+    # The method curation's annotation rows read answers with (the same contract as rounds.Round).
     def answers_from_result(self, result: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-        """Label Studio's result list -> ``{decision_field: choice}`` and the list of missing questions."""
-        for region in result:
-            if region.get("from_name") != self.decision_field:
-                continue
-            chosen = (region.get("value") or {}).get("choices")
-            if chosen:
-                return {self.decision_field: chosen[0]}, []
-        return {}, [self.decision_field]
+        return answers_from_result(self.controls, result)
 
     def result_for(self, choice: str) -> list[dict[str, Any]]:
         """A Label Studio result list choosing ``choice``, as the labeling UI submits it."""
-        if choice not in self.sides:
-            raise AnnotationError(f"{choice!r} is not a choice of criterion {self.name!r}: {self.choices}")
-        return [{"from_name": self.decision_field, "to_name": "left", "type": "choices",
-                 "value": {"choices": [choice]}}]
+        return result_from_answers(self.controls, {self.decision_field: choice}, f"criterion {self.name!r}")
 
 
 APPEAL = Criterion(
@@ -483,31 +477,11 @@ def ab_status(
     annotator (votes, skips, gold accuracy and flag) from the annotations."""
     client = LabelStudioClient(settings)
     projects = ab_projects(client, campaign, criterion)
-    if not projects:
-        raise AnnotationError(f"no Label Studio project for A/B {criterion.name!r} of campaign {campaign!r}")
-    counts = [client.project_counts(pid) for pid in projects.values()]
-    status = RoundStatus(
-        round=criterion.round_name,
-        campaign=campaign,
-        project_ids=list(projects.values()),
-        tasks=sum(c.tasks for c in counts),
-        finished_tasks=sum(c.finished_tasks for c in counts),
-        annotations=sum(c.annotations for c in counts),
-        skipped=sum(c.skipped for c in counts),
-    )
+    status = counted_status(client, criterion.round_name, campaign, projects)
     if work is not None:
         pairs = read_pairs(work, criterion)
         rows = _vote_rows(client, criterion, projects.values(), pairs)
-        for row in rows:
-            who = status.per_annotator.setdefault(row[S.ANNOTATOR], AnnotatorStatus())
-            if row[S.EXCLUSION_REASON] == "skipped":
-                who.skipped += 1
-            else:
-                who.annotations += 1
-        for name, acc in _gold_accuracy(rows, pairs, criterion).items():
-            who = status.per_annotator[name]
-            who.gold_answered, who.gold_correct = acc.n_gold, acc.n_correct
-            who.gold_accuracy, who.flagged = acc.accuracy, acc.flagged
+        add_per_annotator(status, rows, _gold_accuracy(rows, pairs, criterion))
     return status
 
 

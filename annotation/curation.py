@@ -268,6 +268,37 @@ class RoundStatus:
         return {**asdict(self), "remaining": self.remaining, "complete": self.complete}
 
 
+def counted_status(client: LabelStudioClient, name: str, campaign: str, projects: dict[str, int]) -> RoundStatus:
+    """A round's progress from Label Studio's project counters (any round: curation or A/B)."""
+    if not projects:
+        raise AnnotationError(f"no Label Studio project for round {name!r} of campaign {campaign!r}")
+    counts = [client.project_counts(pid) for pid in projects.values()]
+    return RoundStatus(
+        round=name,
+        campaign=campaign,
+        project_ids=list(projects.values()),
+        tasks=sum(c.tasks for c in counts),
+        finished_tasks=sum(c.finished_tasks for c in counts),
+        annotations=sum(c.annotations for c in counts),
+        skipped=sum(c.skipped for c in counts),
+    )
+
+
+def add_per_annotator(status: RoundStatus, rows: list[dict], accuracy: dict[str, GoldAccuracy]) -> RoundStatus:
+    """Each annotator's answers, skips and gold accuracy (flag included) from the round's annotation rows."""
+    for row in rows:
+        who = status.per_annotator.setdefault(row[S.ANNOTATOR], AnnotatorStatus())
+        if row[S.EXCLUSION_REASON] == "skipped":
+            who.skipped += 1
+        else:
+            who.annotations += 1
+    for name, acc in accuracy.items():
+        who = status.per_annotator[name]
+        who.gold_answered, who.gold_correct = acc.n_gold, acc.n_correct
+        who.gold_accuracy, who.flagged = acc.accuracy, acc.flagged
+    return status
+
+
 def round_status(
     round_: Round,
     campaign: str,
@@ -278,31 +309,11 @@ def round_status(
     """Counts from Label Studio's project counters; per annotator (and gold flags) from the annotations."""
     client = LabelStudioClient(settings)
     projects = round_projects(client, campaign, round_)
-    if not projects:
-        raise AnnotationError(f"no Label Studio project for round {round_.name!r} of campaign {campaign!r}")
-    counts = [client.project_counts(pid) for pid in projects.values()]
-    status = RoundStatus(
-        round=round_.name,
-        campaign=campaign,
-        project_ids=list(projects.values()),
-        tasks=sum(c.tasks for c in counts),
-        finished_tasks=sum(c.finished_tasks for c in counts),
-        annotations=sum(c.annotations for c in counts),
-        skipped=sum(c.skipped for c in counts),
-    )
+    status = counted_status(client, round_.name, campaign, projects)
     if per_annotator:
         gold_answers = read_gold(gold)
         rows = _annotation_rows(client, round_, projects.values(), gold_answers)
-        for row in rows:
-            who = status.per_annotator.setdefault(row[S.ANNOTATOR], AnnotatorStatus())
-            if row[S.EXCLUSION_REASON] == "skipped":
-                who.skipped += 1
-            else:
-                who.annotations += 1
-        for name, acc in _gold_accuracy(rows, gold_answers, round_).items():
-            who = status.per_annotator[name]
-            who.gold_answered, who.gold_correct = acc.n_gold, acc.n_correct
-            who.gold_accuracy, who.flagged = acc.accuracy, acc.flagged
+        add_per_annotator(status, rows, _gold_accuracy(rows, gold_answers, round_))
     return status
 
 

@@ -112,22 +112,7 @@ class Round(BaseModel):
 
     @cached_property
     def controls(self) -> dict[str, Control]:
-        """The questions of the label config, read from the XML so the file stays the one source."""
-        root = ET.fromstring(self.label_config)
-        controls = {}
-        for element in root.iter():
-            if element.tag not in CONTROL_VALUE_KEYS:
-                continue
-            name = element.attrib["name"]
-            controls[name] = Control(
-                name=name,
-                tag=element.tag,
-                to_name=element.attrib["toName"],
-                required=element.attrib.get("required", "false") == "true",
-                choices=tuple(c.attrib["value"] for c in element.iter("Choice")),
-                max_rating=int(element.attrib.get("maxRating", 5)) if element.tag == "Rating" else None,
-            )
-        return controls
+        return read_controls(self.label_config)
 
     @model_validator(mode="after")
     def _fields_exist_in_config(self) -> Round:
@@ -144,51 +129,77 @@ class Round(BaseModel):
 
     # -- answers <-> Label Studio results --------------------------------------------------------
     def answers_from_result(self, result: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-        """Label Studio's result list -> ``{question: value}`` and the required questions left unanswered.
-
-        Choices give one string (all our choices are single), Ratings an int, TextAreas the joined text.
-        """
-        answers: dict[str, Any] = {}
-        for region in result:
-            control = self.controls.get(region.get("from_name", ""))
-            if control is None:
-                continue
-            value = (region.get("value") or {}).get(control.value_key)
-            if control.tag == "Choices" and value:
-                answers[control.name] = value[0]
-            elif control.tag == "Rating" and value is not None:
-                answers[control.name] = int(value)
-            elif control.tag == "TextArea" and value:
-                text = " ".join(str(v).strip() for v in value).strip()
-                if text:
-                    answers[control.name] = text
-        missing = [c.name for c in self.controls.values() if c.required and c.name not in answers]
-        return answers, missing
+        return answers_from_result(self.controls, result)
 
     def result_from_answers(self, answers: dict[str, Any]) -> list[dict[str, Any]]:
-        """``{question: value}`` -> a Label Studio result list, as the labeling UI would submit it."""
-        result = []
-        for name, value in answers.items():
-            if name not in self.controls:
-                raise AnnotationError(f"round {self.name!r} has no question {name!r}")
-            control = self.controls[name]
-            if control.tag == "Choices":
-                if value not in control.choices:
-                    raise AnnotationError(f"{value!r} is not a choice of {name!r}: {control.choices}")
-                payload: Any = [value]
-            elif control.tag == "Rating":
-                payload = int(value)
-            else:
-                payload = [str(value)]
-            result.append(
-                {
-                    "from_name": name,
-                    "to_name": control.to_name,
-                    "type": control.result_type,
-                    "value": {control.value_key: payload},
-                }
-            )
-        return result
+        return result_from_answers(self.controls, answers, f"round {self.name!r}")
+
+
+def read_controls(label_config: str) -> dict[str, Control]:
+    """The questions of a label config, read from the XML so the file stays the one source."""
+    controls = {}
+    for element in ET.fromstring(label_config).iter():
+        if element.tag not in CONTROL_VALUE_KEYS:
+            continue
+        name = element.attrib["name"]
+        controls[name] = Control(
+            name=name,
+            tag=element.tag,
+            to_name=element.attrib["toName"],
+            required=element.attrib.get("required", "false") == "true",
+            choices=tuple(c.attrib["value"] for c in element.iter("Choice")),
+            max_rating=int(element.attrib.get("maxRating", 5)) if element.tag == "Rating" else None,
+        )
+    return controls
+
+
+def answers_from_result(controls: dict[str, Control], result: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Label Studio's result list -> ``{question: value}`` and the required questions left unanswered.
+
+    Choices give one string (all our choices are single), Ratings an int, TextAreas the joined text.
+    """
+    answers: dict[str, Any] = {}
+    for region in result:
+        control = controls.get(region.get("from_name", ""))
+        if control is None:
+            continue
+        value = (region.get("value") or {}).get(control.value_key)
+        if control.tag == "Choices" and value:
+            answers[control.name] = value[0]
+        elif control.tag == "Rating" and value is not None:
+            answers[control.name] = int(value)
+        elif control.tag == "TextArea" and value:
+            text = " ".join(str(v).strip() for v in value).strip()
+            if text:
+                answers[control.name] = text
+    missing = [c.name for c in controls.values() if c.required and c.name not in answers]
+    return answers, missing
+
+
+def result_from_answers(controls: dict[str, Control], answers: dict[str, Any], owner: str) -> list[dict[str, Any]]:
+    """``{question: value}`` -> a Label Studio result list, as the labeling UI would submit it."""
+    result = []
+    for name, value in answers.items():
+        if name not in controls:
+            raise AnnotationError(f"{owner} has no question {name!r}")
+        control = controls[name]
+        if control.tag == "Choices":
+            if value not in control.choices:
+                raise AnnotationError(f"{value!r} is not a choice of {name!r} of {owner}: {control.choices}")
+            payload: Any = [value]
+        elif control.tag == "Rating":
+            payload = int(value)
+        else:
+            payload = [str(value)]
+        result.append(
+            {
+                "from_name": name,
+                "to_name": control.to_name,
+                "type": control.result_type,
+                "value": {control.value_key: payload},
+            }
+        )
+    return result
 
 
 GENERALIST = Round(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,3 +94,36 @@ def gold_table(tmp_path_factory) -> Path:
 
 def ids_of(path: Path) -> list[str]:
     return pq.read_table(path, columns=[schema.ID])[schema.ID].to_pylist()
+
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+
+
+def need_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
+
+
+@contextmanager
+def admin_page(labelstudio):
+    """A headless Chromium page (Debian's, driven by playwright; no browser download) logged in to the
+    session's Label Studio as its admin, the way a person logs in."""
+    from playwright.sync_api import sync_playwright
+
+    need_chromium()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{labelstudio.url}/user/login/")
+            page.fill("input[name=email]", labelstudio.env["LABEL_STUDIO_USERNAME"])
+            page.fill("input[name=password]", labelstudio.env["LABEL_STUDIO_PASSWORD"])
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+            yield page
+        finally:
+            browser.close()

@@ -4,29 +4,24 @@ left of each other on screen), and the prompt must show exactly where the criter
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from annotation import schema as S
 from annotation.abtest import ab_projects, build_pairs, get_criterion, push_ab
 from annotation.client import LabelStudioClient
 
+from .conftest import admin_page, need_chromium
 from .test_abtest import write_manifest
 
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 #: the appeal task's screenshot, kept where a person can look at it after the run
 APPEAL_SHOT = Path("/tmp/ab-appeal-task.png")
 
 
 def test_ab_tasks_render_in_the_browser(labelstudio, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
-    from playwright.sync_api import sync_playwright
-
+    need_chromium()
     settings = labelstudio.settings()
     client = LabelStudioClient(settings)
     generate = write_manifest(tmp_path / "generate")
@@ -40,37 +35,29 @@ def test_ab_tasks_render_in_the_browser(labelstudio, tmp_path):
         shown = next(p[S.PAIR_ID] for p in pairs if p[S.KIND] == "comparison" and p[S.PROMPT_ID] == "p-chelsea")
         opened[name] = (project_id, client.pool_ids(project_id)[shown])
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{labelstudio.url}/user/login/")
-        page.fill("input[name=email]", labelstudio.env["LABEL_STUDIO_USERNAME"])
-        page.fill("input[name=password]", labelstudio.env["LABEL_STUDIO_PASSWORD"])
-        page.click("button[type=submit]")
-        page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+    with admin_page(labelstudio) as page:
         for name, (project_id, task_id) in opened.items():
             page.goto(f"{labelstudio.url}/projects/{project_id}/data?task={task_id}")
             # The task's images in the labeling editor (Label Studio fetches /data/local-files/ and shows a
             # blob; the data manager's thumbnails beside it are not what the annotator judges), loaded and
-            # laid out: [[naturalWidth, left, top, width on screen], ...]
+            # laid out: [[naturalWidth, left, top, width, height on screen], ...]
             images = page.wait_for_function(
                 """() => {
                     const shown = [...document.querySelectorAll('.lsf-main-view__annotation .lsf-image img')]
                         .filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0);
                     return shown.length >= 2 ? shown.map(i => {
                         const box = i.getBoundingClientRect();
-                        return [i.naturalWidth, box.left, box.top, box.width];
+                        return [i.naturalWidth, box.left, box.top, box.width, box.height];
                     }) : null;
                 }""",
                 timeout=90_000,
             ).json_value()
             assert len(images) == 2 and all(image[0] == 128 for image in images), (name, images)
-            (_, left_x, left_y, left_width), (_, right_x, right_y, _) = images
-            assert left_y == right_y and right_x >= left_x + left_width, f"{name}: not side by side: {images}"
+            (_, left_x, left_y, left_w, left_h), (_, right_x, right_y, _, right_h) = images
+            # side by side: the second to the right of the first, on the same row (their heights overlap; the
+            # two columns' captions may wrap differently, so their tops can differ by a line)
+            overlap = min(left_y + left_h, right_y + right_h) - max(left_y, right_y)
+            assert right_x >= left_x + left_w and overlap > 0.5 * min(left_h, right_h), f"{name}: not side by side: {images}"
             text = page.inner_text("body")
             assert ("a photo of the" in text) == (name == "faithfulness"), f"{name}: prompt shown wrongly"
             choices = ("A", "B", "Both", "Neither") if name == "faithfulness" else ("Left", "Tie", "Right")
@@ -80,4 +67,3 @@ def test_ab_tasks_render_in_the_browser(labelstudio, tmp_path):
             assert shot.stat().st_size > 10_000
             if name == "appeal":
                 shutil.copyfile(shot, APPEAL_SHOT)
-        browser.close()
