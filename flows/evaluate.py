@@ -63,7 +63,9 @@ def latest_checkpoints(root: Path = Path("data")) -> tuple[Path, Path]:
 
 def _generate_key(ctx, p) -> str:
     layout = _layout(p["run_dir"])
+    # The output folder is part of every key: the same work written into another run is other work.
     settings = {k: p[k] for k in ("checkpoints", "prompts", "n_prompts", "seeds", "steps", "guidance_scale", "resolution")}
+    settings["into"] = str(layout.run.resolve())
     inputs = [*p["checkpoints"].values(), *([p["prompts"]] if Path(p["prompts"]).exists() else [])]
     return stage_key("generate", settings, inputs, layout.manifest.is_file())
 
@@ -82,7 +84,8 @@ def generate_stage(checkpoints: dict[str, str], run_dir: str, prompts: str, n_pr
 def _judge_key(ctx, p) -> str:
     layout = _layout(p["run_dir"])
     inputs = [layout.manifest, *([p["reference"]] if p["reference"] else [])]
-    return stage_key("judges", {"reference": p["reference"]}, inputs, layout.judges_summary.is_file())
+    section = {"reference": p["reference"], "into": str(layout.run.resolve())}
+    return stage_key("judges", section, inputs, layout.judges_summary.is_file())
 
 
 @task(name="judges", cache_key_fn=_judge_key, persist_result=True)
@@ -115,7 +118,8 @@ def _pairs_key(ctx, p) -> str:
     from annotation.layout import ABLayout
 
     pairs = ABLayout(Path(p["work"]), p["criterion"]).pairs
-    return stage_key(f"pairs-{p['criterion']}", [p["candidate"], p["baseline"]], [p["manifest"]], pairs.is_file())
+    section = [p["candidate"], p["baseline"], str(pairs.resolve())]
+    return stage_key(f"pairs-{p['criterion']}", section, [p["manifest"]], pairs.is_file())
 
 
 @task(name="ab-pairs", cache_key_fn=_pairs_key, persist_result=True)
