@@ -87,6 +87,7 @@ eval: up
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))
+	$(PY) -m model weights $(if $(PRESET),--preset $(PRESET))
 
 # Regenerate the documented default config from pipeline/config.py (a test keeps them equal).
 config: install

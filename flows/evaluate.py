@@ -74,9 +74,13 @@ def _generate_key(ctx, p) -> str:
 def generate_stage(checkpoints: dict[str, str], run_dir: str, prompts: str, n_prompts: int | None, seeds: int,
                    steps: int, guidance_scale: float, resolution: int | None) -> str:
     from model.evaluation.generate import generate
-    from model.evaluation.prompts import load_prompts
+    from model.evaluation.prompts import load_prompts, selection_prompts
 
-    table = load_prompts(prompts, n=n_prompts)
+    # the prompts that chose a checkpoint during training are not reported on (issue 10, item 6)
+    chose = selection_prompts(checkpoints.values())
+    for path, used in chose.items():
+        print(f"left out the {len(used)} prompts that chose {path} during training")
+    table = load_prompts(prompts, n=n_prompts, exclude={p for used in chose.values() for p in used})
     return str(generate(checkpoints, table, seeds, _layout(run_dir).generate, steps=steps, guidance_scale=guidance_scale,
                         height=resolution, width=resolution))
 

@@ -6,6 +6,7 @@
     python -m model sample    --checkpoint OUT/quality_tune/best --prompt "a red fox" --out fox.png
     python -m model generate  --checkpoint base=BASE --checkpoint tuned=TUNED --prompts parti --n 64 --seeds 2 --out RUN/generate
     python -m model judge     --run RUN [--reference POOL_OR_IMAGES]
+    python -m model weights   [--preset sd15]   (stage the judges' and sample.score's weights, with network)
 
 ``--set key=value`` overrides any config field (``--set quality_tune.max_steps=500``). Multi-GPU:
 ``torchrun --nproc_per_node 8 -m model train-qt ...`` (``make train-qt GPUS=8``) or ``accelerate launch -m
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--width", type=int)
     s.add_argument("--seed", type=int, default=0)
     _add_evaluation_parsers(sub)
+    w = sub.add_parser("weights", help="stage the evaluation's weights (ImageNet MobileNetV2 for KID/FD, and the "
+                                       "preset's sample.score CLIP/aesthetic weights) where there is network")
+    w.add_argument("--preset", help="also stage what this preset's sample.score needs (tiny | mid | sd15 | YAML)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -102,7 +107,29 @@ def _run(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.command == "judge":
         return _judge(args)
+    if args.command == "weights":
+        return _weights(args)
     return _sample(args)
+
+
+def _weights(args: argparse.Namespace) -> int:
+    """Stage (download unless NEEDLES_OFFLINE, then verify) every file the evaluation stage and the
+    preset's sample.score need; the curation pipeline's own are `python -m pipeline weights`'."""
+    from model.evaluation.distribution import features_weights
+    from pipeline.weights import stage
+
+    specs = [features_weights()]
+    if args.preset:
+        from model.config import load_config
+        from pipeline.scorers import build_scorer
+
+        score = load_config(args.preset, args.overrides).sample.score
+        if score is not None and score.metric != "kid":
+            for name in ("clip", "aesthetic") if score.metric != "clip_score" else ("clip",):
+                specs += build_scorer(name, getattr(score, name)).weights()
+    for spec in specs:
+        print(f"{spec.name}: {stage(spec)}")
+    return 0
 
 
 def _is_main_process() -> bool:
@@ -162,10 +189,15 @@ def _add_evaluation_parsers(sub) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from model.evaluation import load_prompts
     from model.evaluation.generate import checkpoint_labels, generate
+    from model.evaluation.prompts import selection_prompts
 
-    prompts = load_prompts(args.prompts, n=args.n, per_category=args.per_category, categories=args.categories,
-                           seed=args.prompt_seed)
     checkpoints = checkpoint_labels(args.checkpoint)
+    chose = selection_prompts(checkpoints.values())
+    exclude = {p for used in chose.values() for p in used}
+    prompts = load_prompts(args.prompts, n=args.n, per_category=args.per_category, categories=args.categories,
+                           seed=args.prompt_seed, exclude=exclude)
+    for path, used in chose.items():
+        print(f"left out the {len(used)} prompts that chose {path} during training")
     manifest = generate(checkpoints, prompts, args.seeds, args.out, steps=args.steps, guidance_scale=args.guidance_scale,
                         height=args.height, width=args.width, batch_size=args.batch_size)
     print(f"{prompts.num_rows} prompts x {args.seeds} seeds x {len(checkpoints)} checkpoints "

@@ -163,31 +163,47 @@ class DataConfig(_Strict):
 
 
 class SampleScoreConfig(_Strict):
-    """The automatic score of the fixed-prompt samples, the early-stopping signal of quality-tuning when
-    set (Emu §3.3 stops early; the signal here is what the curation pipeline's own scorers say of the
-    samples): the mean LAION aesthetic score of the images and/or their mean CLIP score against their
-    prompts, computed by ``pipeline/scorers`` (same models, same weights resolution, same offline rules).
+    """The automatic score of quality-tuning's evaluation samples, the early-stopping signal when set (Emu
+    §3.3 stops early; the signal here is what the curation pipeline's own judges say of the samples).
 
-    ``metric``: ``aesthetic``, ``clip_score`` or ``aesthetic+clip`` (= aesthetic + clip_weight ×
-    clip_score). ``clip`` and ``aesthetic`` are the options of the pipeline's ``clip`` and ``aesthetic``
-    scorers (``python -m pipeline score --help``), checked when the config loads."""
+    The samples: ``n_prompts`` prompts of ``prompts`` (PartiPrompts by default, balanced over its
+    categories, seeded) x ``seeds`` seeds, drawn with the same noise at every evaluation. Those prompts
+    only choose the checkpoint: they are written beside it (needles_selection_prompts.json) and the
+    evaluation stage (``python -m model generate``, the evaluate flow) leaves them out of what it reports.
 
-    metric: Literal["aesthetic", "clip_score", "aesthetic+clip"] = "aesthetic+clip"
+    ``metric``: ``aesthetic`` (mean LAION aesthetic score), ``clip_score`` (mean CLIP score against the
+    prompts), ``aesthetic+clip`` (= aesthetic + clip_weight x clip_score), or ``kid``: minus the KID of the
+    samples' ImageNet MobileNetV2 features against a seeded ``reference_limit`` sample of the curated
+    images themselves, the offline option (no CLIP weights needed). ``clip`` and ``aesthetic`` are the
+    options of the pipeline's ``clip`` and ``aesthetic`` scorers (``python -m pipeline score --help``),
+    checked when the config loads."""
+
+    metric: Literal["aesthetic", "clip_score", "aesthetic+clip", "kid"] = "aesthetic+clip"
     clip_weight: float = Field(10.0, ge=0)  # cosines move over ~0.1 where aesthetic scores move over ~1
     clip: dict[str, Any] = {"model": "ViT-L-14", "pretrained": "openai"}
     aesthetic: dict[str, Any] = {"head": "improved_sac+logos+ava1-l14-linearMSE"}
+    prompts: str = "parti"  # "parti", "drawbench" or a prompt file (.tsv/.csv/.txt/.parquet/.jsonl)
+    n_prompts: int = Field(32, ge=2)
+    seeds: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)  # images sampled at once
+    reference_limit: int = Field(1000, ge=2)  # kid: curated images in the reference (a seeded sample)
 
     @model_validator(mode="after")
     def _check(self) -> "SampleScoreConfig":
         from pipeline.scorers import scorer_class
 
+        from model.evaluation.prompts import BUILTIN
+
+        if self.prompts not in BUILTIN and not Path(self.prompts).is_file():
+            raise ValueError(f"sample.score.prompts: {self.prompts!r} is neither a built-in set "
+                             f"({sorted(BUILTIN)}) nor a file")
         options = {}
         for name in ("clip", "aesthetic"):
             try:
                 options[name] = scorer_class(name).Options.model_validate(getattr(self, name))
             except Exception as e:
                 raise ValueError(f"sample.score.{name}: {e}") from e
-        if self.metric != "clip_score":
+        if self.metric in ("aesthetic", "aesthetic+clip"):
             from pipeline.scorers.aesthetic import head_clip_mismatch
 
             clip = options["clip"]

@@ -264,16 +264,32 @@ def export_pipeline(out: Path, unet, frozen: Frozen, cfg: Config, scaling_factor
 
 @torch.no_grad()
 def sample_grid(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height: int, width: int,
-                prompts: list[str] | None = None, steps: int | None = None):
-    """Images of the fixed prompts (seeded), as a list of PIL images."""
+                prompts: list[str] | None = None, steps: int | None = None, seed: int | None = None):
+    """Images of the fixed prompts (or ``prompts``), seeded with sample.seed (or ``seed``), as PIL images."""
     pipe = stock_pipeline(unet, frozen, cfg, scaling_factor)
     pipe.set_progress_bar_config(disable=True)
     prompts = prompts or cfg.sample.prompts
-    gen = torch.Generator().manual_seed(cfg.sample.seed)
+    gen = torch.Generator().manual_seed(cfg.sample.seed if seed is None else seed)
     return pipe(prompts, height=height, width=width, num_inference_steps=steps or cfg.sample.num_inference_steps,
                 guidance_scale=cfg.sample.guidance_scale, generator=gen,
                 # zero-SNR models over-expose under CFG without it (ZSNR §3.4)
                 guidance_rescale=0.7 if cfg.diffusion.schedule == "zero_snr" else 0.0).images
+
+
+def score_selection(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height: int, width: int,
+                    scorer) -> dict[str, float]:
+    """``scorer`` (a PipelineSampleScorer) on images of its selection prompts x its seeds. Each batch of
+    prompts has its own seed, fixed by (seed, batch start): every evaluation starts from the same noise,
+    so scores differ between steps only by what the weights do."""
+    images, prompts = [], []
+    size = scorer.cfg.batch_size
+    for seed in scorer.seeds:
+        for start in range(0, len(scorer.prompts), size):
+            batch = scorer.prompts[start:start + size]
+            images += sample_grid(unet, frozen, cfg, scaling_factor, height, width, prompts=batch,
+                                  seed=seed * 1_000_003 + start)
+            prompts += batch
+    return scorer(images, prompts)
 
 
 # --- one stage ---------------------------------------------------------------------------------------
@@ -406,19 +422,33 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
                     losses.append(loss.item())
         return sum(losses) / len(losses)
 
+    # a scorer with its own prompt selection (PipelineSampleScorer) scores those x its seeds; a plain
+    # callable scores the fixed prompts' grid
+    selection = getattr(sample_scorer, "selection_record", lambda: None)()
+
     def sample(step: int) -> tuple[Path, dict[str, float]]:
         with evaluated_weights() as model:
             images = sample_grid(model, frozen, cfg, scaling_factor, *last_sample_size)
+            if sample_scorer is None:
+                scores = {}
+            elif selection is not None:
+                scores = score_selection(model, frozen, cfg, scaling_factor, *last_sample_size, sample_scorer)
+            else:
+                scores = sample_scorer(images, cfg.sample.prompts)
         path = out_dir / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = math.ceil(math.sqrt(len(images)))
         make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols).save(path)
-        scores = sample_scorer(images, cfg.sample.prompts) if sample_scorer else {}
         return path, scores if isinstance(scores, dict) else {"score": float(scores)}
 
     def export(name: str) -> Path:
         with evaluated_weights() as model:
-            return export_pipeline(out_dir / name, model, frozen, cfg, scaling_factor)
+            folder = export_pipeline(out_dir / name, model, frozen, cfg, scaling_factor)
+        if selection is not None:  # the evaluation stage leaves these prompts out of what it reports
+            from model.evaluation.prompts import SELECTION_FILE
+
+            (folder / SELECTION_FILE).write_text(json.dumps(selection, indent=1))
+        return folder
 
     bar = tqdm(range(state["step"], stage.max_steps), initial=state["step"], total=stage.max_steps,
                desc=stage.name, disable=not (progress and accelerator.is_main_process))
@@ -510,8 +540,8 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
                          data_report=cache.meta["report"], processes=world,
                          accumulation_steps=accumulation)
     if accelerator.is_main_process:
-        (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"history": state["history"]},
-                                                        default=str, indent=1))
+        extra = {"history": state["history"]} | ({"selection_prompts": selection} if selection else {})
+        (out_dir / "report.json").write_text(json.dumps(asdict(result) | extra, default=str, indent=1))
     accelerator.wait_for_everyone()  # every rank returns once final/ and report.json exist
     return result
 
@@ -599,8 +629,9 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
         if sample_scorer is None and cfg.sample.score is not None:
             from model.evaluation import PipelineSampleScorer
 
-            # loads CLIP and the aesthetic head now: missing weights fail before any training
-            sample_scorer = PipelineSampleScorer(cfg.sample.score)
+            # loads CLIP and the aesthetic head (or, for kid, the curated images' features) now: missing
+            # weights fail before any training
+            sample_scorer = PipelineSampleScorer(cfg.sample.score, reference=data_dir, seed=cfg.seed)
     with ranks.main_process_first():  # rank 0 trains the autoencoder; the others then load it
         ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)
     frozen = load_frozen(cfg, out_dir / "autoencoder")

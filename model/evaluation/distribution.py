@@ -104,6 +104,14 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x + s_y - 2.0 * np.real(root)))
 
 
+def features_weights():
+    """The WeightSpec of ImageNetFeatures' MobileNetV2 (``python -m model weights`` stages it)."""
+    from pipeline.weights import WeightSpec
+
+    return WeightSpec(f"imagenet:{FEATURES_WEIGHTS}", "torchvision", FEATURES_WEIGHTS,
+                      expected="torchvision ImageNet MobileNetV2 state dict")
+
+
 class ImageNetFeatures:
     """The 1280-d pooled features of torchvision's ImageNet MobileNetV2 (``mobilenet_v2(weights=
     "IMAGENET1K_V1")`` with the classifier removed), preprocessed by the weights' own transforms. The
@@ -112,12 +120,11 @@ class ImageNetFeatures:
 
     def __init__(self, device: str = "auto", batch_size: int = 64) -> None:
         from pipeline.scorers.common import pick_device
-        from pipeline.weights import WeightSpec, resolve, torch_home
+        from pipeline.weights import resolve, torch_home
         import torch
         from torchvision.models import get_weight, mobilenet_v2
 
-        resolve(WeightSpec(f"imagenet:{FEATURES_WEIGHTS}", "torchvision", FEATURES_WEIGHTS,
-                           expected="torchvision ImageNet MobileNetV2 state dict"))
+        resolve(features_weights())
         os.environ.setdefault("TORCH_HOME", str(torch_home()))  # where torchvision's loader looks
         weights = get_weight(FEATURES_WEIGHTS)
         self.device = pick_device(device)

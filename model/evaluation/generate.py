@@ -101,6 +101,7 @@ def generate(checkpoints: Mapping[str, str | Path], prompts: pa.Table, seeds: li
     checkpoints = {label: Path(path) for label, path in checkpoints.items()}
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     _check_inputs(checkpoints, prompts, seeds)
+    _check_not_selected_on(checkpoints, prompts)
     shape = check_latent_shapes(checkpoints)
     settings = {"num_inference_steps": steps, "guidance_scale": guidance_scale,
                 "height": height or shape.sample_size * shape.vae_scale_factor,
@@ -134,6 +135,19 @@ def _check_inputs(checkpoints: dict[str, Path], prompts: pa.Table, seeds: list[i
         raise EvaluationError("the prompt table repeats prompt ids: each prompt must appear once")
     if not seeds or len(set(seeds)) < len(seeds):
         raise EvaluationError(f"seeds must be distinct and at least one, got {seeds}")
+
+
+def _check_not_selected_on(checkpoints: dict[str, Path], prompts: pa.Table) -> None:
+    """No reported prompt may be one that chose a checkpoint during training (issue 10, item 6)."""
+    from model.evaluation.prompts import selection_prompts
+
+    texts = set(prompts.column(schema.PROMPT).to_pylist())
+    for path, used in selection_prompts(checkpoints.values()).items():
+        both = sorted(texts & set(used))
+        if both:
+            raise EvaluationError(f"{len(both)} of these prompts chose checkpoint {path} during training (e.g. "
+                                  f"{both[0]!r}): results on them would flatter it. Load the prompts with "
+                                  f"exclude= the texts of selection_prompts() (the CLI and the evaluate flow do)")
 
 
 def _record_settings(out: Path, settings: dict, checkpoints: dict[str, Path], shape: LatentShape) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,15 @@ CATEGORY_COLUMNS = ("category", "Category")
 SUFFIXES = (".tsv", ".csv", ".txt", ".parquet", ".jsonl")
 
 
+#: written by training beside every exported checkpoint whose choice used sample.score's prompts
+SELECTION_FILE = "needles_selection_prompts.json"
+
+
 def load_prompts(source: str | Path, n: int | None = None, per_category: int | None = None,
-                 categories: list[str] | None = None, seed: int = 0) -> pa.Table:
+                 categories: list[str] | None = None, seed: int = 0, exclude: Collection[str] = ()) -> pa.Table:
     """Prompts of ``source`` ("parti", "drawbench" or a .tsv/.csv/.txt/.parquet/.jsonl file) as a
-    PROMPTS_SCHEMA table in file order. ``categories`` keeps only those; ``per_category`` takes at most
+    PROMPTS_SCHEMA table in file order. ``exclude`` (prompt texts) drops those first, e.g. the ones that
+    chose a checkpoint (``selection_prompts``). ``categories`` keeps only those; ``per_category`` takes at most
     that many of each category; ``n`` then takes n in all, spread equally over the categories (a
     category with fewer gives all it has). Sampling is seeded; the same prompt text always gets the same
     ``prompt_id``: "<source>-<first 10 hex of its sha256>"."""
@@ -43,6 +49,13 @@ def load_prompts(source: str | Path, n: int | None = None, per_category: int | N
     keep = [i for i, p in enumerate(prompts) if p and p.strip()]
     if len(keep) < len(prompts):
         log.warning("%s: %d rows with an empty prompt are not prompts; skipped", path, len(prompts) - len(keep))
+    excluded = {p.strip() for p in exclude}
+    if excluded:
+        before = len(keep)
+        keep = [i for i in keep if prompts[i].strip() not in excluded]
+        log.info("%s: %d rows left out (prompts that chose a checkpoint)", path, before - len(keep))
+        if not keep:
+            raise EvaluationError(f"{path}: every prompt is excluded (they chose a checkpoint); use another prompt set")
     table = {}
     for i in keep:  # the same text twice is one prompt (one id): keep its first row
         table.setdefault(prompts[i].strip(), (cats[i] or "").strip() or schema.UNCATEGORIZED)
@@ -61,6 +74,17 @@ def load_prompts(source: str | Path, n: int | None = None, per_category: int | N
     if per_category is not None or n is not None:
         rows = rows.take(sorted(_balanced_sample(rows.column(schema.CATEGORY).to_pylist(), n, per_category, seed)))
     return rows
+
+
+def selection_prompts(checkpoints: Iterable[str | Path]) -> dict[str, list[str]]:
+    """{checkpoint: prompt texts that chose it}: read from the SELECTION_FILE training wrote beside each
+    checkpoint picked on sample.score (empty for the others). The evaluation stage leaves these out."""
+    out = {}
+    for checkpoint in checkpoints:
+        file = Path(checkpoint) / SELECTION_FILE
+        if file.is_file():
+            out[str(checkpoint)] = json.loads(file.read_text())["prompts"]
+    return out
 
 
 def split_prompts(table: pa.Table, n_select: int, seed: int = 0) -> tuple[pa.Table, pa.Table]:

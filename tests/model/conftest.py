@@ -92,6 +92,19 @@ def frozen() -> Frozen:
     return Frozen(tokenizer, text_encoder, vae)
 
 
+MOBILENET = "weights/imagenet/mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture()
+def staged_mobilenet(shared_dir, tmp_path, monkeypatch):
+    """torchvision's ImageNet MobileNetV2 where its loader looks ($TORCH_HOME/hub/checkpoints), as `make
+    weights` stages it."""
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "mobilenet_v2-b0353104.pth").symlink_to(shared_dir / MOBILENET)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
 @pytest.fixture(scope="module")
 def curated_dir(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("curated"), 12)

@@ -28,7 +28,6 @@ from tests.builders import tiny_random_clip
 from tests.model.conftest import export_tiny_pipeline
 
 HEAD = "weights/aesthetic/improved_sac+logos+ava1-l14-linearMSE.pth"
-MOBILENET = "weights/imagenet/mobilenet_v2-b0353104.pth"
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,6 @@ def run(frozen, tmp_path_factory) -> EvalLayout:
                    "tuned": export_tiny_pipeline(root / "tuned", frozen, seed=1)}
     generate(checkpoints, load_prompts(prompts), 2, layout.generate, steps=2)
     return layout
-
-
-@pytest.fixture()
-def staged_mobilenet(shared_dir, tmp_path, monkeypatch):
-    """torchvision's ImageNet MobileNetV2 where its loader looks ($TORCH_HOME/hub/checkpoints), as `make
-    weights` stages it."""
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    (checkpoints / "mobilenet_v2-b0353104.pth").symlink_to(shared_dir / MOBILENET)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
 
 def test_judge_cli_without_clip_weights_scores_the_rest_and_says_what_it_skipped(run, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""Early stopping on the automatic score of the fixed-prompt samples (``sample.score``): the curation
-pipeline's CLIP and aesthetic scorers on the generated images.
+"""Early stopping on the automatic score of quality-tuning's evaluation samples (``sample.score``): the
+curation pipeline's CLIP and aesthetic scorers, or KID against the curated images, on images of a prompt
+selection that the evaluation stage then leaves out of what it reports.
 
 No CLIP weights exist offline, so CLIP here is "tiny-random-clip-768" (tests/builders.py): a 2-layer open_clip
 model with RANDOM weights and 768-wide embeddings, so the REAL LAION aesthetic head from ../shared can read
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,16 +22,22 @@ import torch.nn.functional as F
 from model.config import SampleScoreConfig, load_config
 from model.evaluation import PipelineSampleScorer
 from model.pipeline import load_pipeline
-from model.train import Frozen, run_stage, sample_grid
+from model.evaluation import EvaluationError, load_prompts
+from model.evaluation.generate import generate
+from model.evaluation.prompts import SELECTION_FILE, selection_prompts
+from model.train import Frozen, run_stage, score_selection
 from tests.builders import tiny_random_clip
 from tests.model.conftest import FAST, photo_variants
+
+# a small selection (4 PartiPrompts x 2 seeds) keeps each evaluation of the tiny model quick on a CPU
+SMALL = {"n_prompts": 4, "seeds": 2, "batch_size": 4}
 
 HEAD = "weights/aesthetic/improved_sac+logos+ava1-l14-linearMSE.pth"
 
 
 @pytest.fixture(scope="module")
 def score_options(tmp_path_factory, shared_dir) -> dict:
-    return {"metric": "aesthetic+clip", "clip_weight": 10.0,
+    return {"metric": "aesthetic+clip", "clip_weight": 10.0, **SMALL,
             "clip": tiny_random_clip(tmp_path_factory.mktemp("clip"), embed_dim=768),
             "aesthetic": {"head": str(shared_dir / HEAD)}}
 
@@ -96,12 +106,78 @@ def test_quality_tuning_keeps_the_best_sample_score_and_stops_on_it(score_option
     assert history[-1]["step"] == (stop_at or 12)
     assert len(result.grids) == len(history), "every evaluation keeps its grid"
 
-    # best/ holds the weights that scored best: sampling it again gives the recorded score
+    # best/ holds the weights that scored best: sampling its selection again gives the recorded score
     pipe = load_pipeline(result.checkpoint)
     scaling = pipe.vae.config.scaling_factor
-    images = sample_grid(pipe.unet, Frozen(pipe.tokenizer, pipe.text_encoder, pipe.vae), cfg, scaling,
-                         *_sample_size(result.grids[0], len(cfg.sample.prompts)))
-    assert scorer(images, cfg.sample.prompts)["score"] == pytest.approx(best, abs=1e-3)
+    again = score_selection(pipe.unet, Frozen(pipe.tokenizer, pipe.text_encoder, pipe.vae), cfg, scaling,
+                            *_sample_size(result.grids[0], len(cfg.sample.prompts)), scorer)
+    assert again["score"] == pytest.approx(best, abs=1e-3)
+    # the scored images were the selection's 4 PartiPrompts x 2 seeds, recorded beside the checkpoint
+    record = json.loads((result.checkpoint / SELECTION_FILE).read_text())
+    assert record["prompts"] == scorer.prompts and len(scorer.prompts) == 4 and record["seeds"] == [0, 1]
+    parti = load_prompts("parti")
+    assert set(record["prompt_ids"]) <= set(parti.column("prompt_id").to_pylist())
+
+
+def test_kid_early_stopping_offline_and_its_prompts_are_not_reported(staged_mobilenet, frozen, curated_dir, tmp_path,
+                                                                     capsys):
+    """metric kid: minus the KID of the samples' MobileNetV2 features against the curated images (no CLIP
+    needed). The prompts that chose the checkpoint are then left out by the evaluation stage."""
+    from model.__main__ import main
+    from model.evaluation.distribution import ImageNetFeatures, kid, read_reference
+    from pipeline.imageio import inspect_image
+    from pipeline.schema import THUMBNAIL_SIZE
+
+    cfg = load_config("tiny", FAST + [f"sample.score={json.dumps({'metric': 'kid', 'reference_limit': 8, **SMALL})}",
+                                      "quality_tune.max_steps=4", "quality_tune.ema_decay=null"])
+    scorer = PipelineSampleScorer(cfg.sample.score, reference=curated_dir, seed=cfg.seed)
+    assert scorer.clip is None and scorer.reference.shape == (8, 1280)
+
+    # the score of some images is minus KID as computed here from the same pieces, by hand
+    images = [im for im, _ in photo_variants(4, seed=3)]
+    parts = scorer(images, ["p"] * 4)
+    features = ImageNetFeatures()
+    own = [inspect_image(_png(im), THUMBNAIL_SIZE).thumbnail for im in images]
+    reference = read_reference(curated_dir, limit=8, seed=cfg.seed).thumbnails
+    expected = kid(features([_open(t) for t in own]), features([_open(t) for t in reference]), seed=0).mean
+    assert parts["kid"] == pytest.approx(expected, rel=1e-4, abs=1e-6) and parts["score"] == -parts["kid"]
+
+    result = run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / "qt", frozen, sample_scorer=scorer, progress=False)
+    report = json.loads((tmp_path / "qt" / "report.json").read_text())
+    assert all(h["sample_score"] == -h["sample_kid"] for h in report["history"]) and len(report["history"]) == 2
+    best = max(report["history"], key=lambda h: h["sample_score"])
+    assert result.best_step == best["step"] and result.best_sample_score == best["sample_score"]
+    assert report["selection_prompts"]["prompts"] == scorer.prompts
+
+    # the evaluation stage: those 4 prompts are not among the ones it reports on
+    chosen = selection_prompts([result.checkpoint])[str(result.checkpoint)]
+    assert chosen == scorer.prompts
+    with pytest.raises(EvaluationError, match="4 of these prompts chose checkpoint"):
+        generate({"tuned": result.checkpoint}, load_prompts("parti").filter(
+            pa.compute.is_in(load_prompts("parti").column("prompt"), pa.array(chosen))), 1, tmp_path / "refused")
+    assert main(["generate", "--checkpoint", f"tuned={result.checkpoint}", "--prompts", "parti", "--n", "6",
+                 "--seeds", "1", "--steps", "1", "--out", str(tmp_path / "eval")]) == 0
+    assert "left out the 4 prompts that chose" in capsys.readouterr().out
+    manifest = pq.read_table(tmp_path / "eval" / "manifest.parquet")
+    assert manifest.num_rows == 6 and not set(manifest.column("prompt").to_pylist()) & set(chosen)
+    # and load_prompts(exclude=) drops exactly them from the full set
+    assert load_prompts("parti", exclude=chosen).num_rows == load_prompts("parti").num_rows - 4
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _open(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _sample_size(grid: Path, n: int) -> tuple[int, int]:
@@ -114,3 +190,16 @@ def _sample_size(grid: Path, n: int) -> tuple[int, int]:
     rows = math.ceil(n / cols)
     with Image.open(grid) as im:
         return im.height // rows, im.width // cols
+
+
+def test_model_weights_stages_the_judges_features_and_says_what_is_missing(staged_mobilenet, tmp_path, monkeypatch,
+                                                                             capsys):
+    from model.__main__ import main
+
+    monkeypatch.setenv("NEEDLES_OFFLINE", "1")
+    assert main(["weights"]) == 0
+    assert "mobilenet_v2-b0353104.pth" in capsys.readouterr().out
+    # the sd15 preset's sample.score needs ViT-L/14, which is not staged here: one clear error, exit 2
+    monkeypatch.setenv("NEEDLES_WEIGHTS_DIR", str(tmp_path / "empty"))
+    assert main(["weights", "--preset", "sd15"]) == 2
+    assert "ViT-L-14" in capsys.readouterr().err
