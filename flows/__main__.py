@@ -20,7 +20,7 @@ def serve() -> None:
     from prefect import serve as prefect_serve
 
     from flows.curate import curate
-    from flows.evaluate import evaluate
+    from flows.evaluate import DEPLOYMENT as EVAL_DEPLOYMENT, evaluate
     from flows.train import train_qt
 
     prefect_serve(
@@ -30,7 +30,7 @@ def serve() -> None:
             description="Emu-style curation: automatic filters -> pool -> generalist -> specialist -> curated set",
         ),
         train_qt.to_deployment(name="train-qt", description="quality-tune the LDM on the latest curated set"),
-        evaluate.to_deployment(name="ab-test", description="did quality-tuning help? generations, automatic "
+        evaluate.to_deployment(name=EVAL_DEPLOYMENT, description="did quality-tuning help? generations, automatic "
                                "judges, human A/B rounds in Label Studio, report"),
     )
 
@@ -49,9 +49,9 @@ def where(root: Path = Path("data")) -> None:
 def run_evaluation(args: argparse.Namespace) -> int:
     """Start the ``evaluate/ab-test`` deployment; with simulated voters wait for it and print the report's
     path, with people print where to follow it (the run suspends until they have voted)."""
-    from prefect.deployments import run_deployment
     from pydantic import ValidationError
 
+    from flows.evaluate import start_evaluation
     from flows.params import EvalParams
 
     checkpoints = {"tuned": str(Path(args.tuned).resolve()), "base": str(Path(args.base).resolve())}
@@ -64,8 +64,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
             print(f"error: {'.'.join(map(str, e['loc']))}: {e['msg']}", file=sys.stderr)
         return 2
     wait = args.annotators == "simulated"
-    run = run_deployment("evaluate/ab-test", parameters=params.model_dump(exclude_defaults=True) | {
-        "checkpoints": checkpoints, "run_dir": params.run_dir}, timeout=None if wait else 0)
+    run = start_evaluation(params, wait)
     if not wait:
         print(f"evaluation run {run.id} started: it suspends while people vote in Label Studio and the relay resumes "
               f"it; follow it in the Prefect UI, the report will be {Path(params.run_dir) / 'report' / 'index.html'}")

@@ -233,13 +233,16 @@ def curate(
     train: bool = False,
     preset: str = "tiny",
     train_overrides: list[str] | None = None,
+    evaluate: bool = False,
+    eval_params: dict | None = None,
     backend: str = "ray",
 ) -> dict:
     """Curate a quality-tuning set from ``sources`` (see flows/params.py for every parameter)."""
     params = CurateParams(
         sources=sources, run_dir=run_dir, config=config, pool_size=pool_size, generalist_target=generalist_target,
         specialist_target=specialist_target, annotator_mode=annotator_mode, round_timeout_s=round_timeout_s,
-        train=train, preset=preset, train_overrides=train_overrides or [],
+        train=train, preset=preset, train_overrides=train_overrides or [], evaluate=evaluate,
+        eval_params=eval_params or {},
     )
     from pipeline.layout import RunLayout
 
@@ -258,7 +261,19 @@ def curate(
     if params.train:
         from flows.train import train_qt
 
-        result["training"] = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset,
-                                      overrides=params.train_overrides)
+        training = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset,
+                            overrides=params.train_overrides)
+        result["training"] = training
+        if params.evaluate:  # its own deployment run: it suspends on its A/B rounds like this flow on its rounds
+            from flows.evaluate import EvalParams, start_evaluation
+
+            run = start_evaluation(EvalParams(
+                checkpoints={"base": training["base"], "tuned": training["checkpoint"]}, baseline="base",
+                run_dir=str((layout.root / "eval").resolve()), reference=str(Path(curated).resolve()),
+                annotator_mode=params.annotator_mode, round_timeout_s=params.round_timeout_s, **params.eval_params),
+                wait=False)
+            result["evaluation"] = {"flow_run_id": str(run.id), "run_dir": str((layout.root / "eval").resolve())}
+            print(f"evaluation run {run.id} started (deployment evaluate/ab-test): the report will be "
+                  f"{layout.root / 'eval' / 'report' / 'index.html'}")
     print(json.dumps(result, indent=2))
     return result

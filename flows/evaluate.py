@@ -26,6 +26,9 @@ from flows.caching import stage_key
 from flows.params import EvalParams
 from flows.waiting import done_waiting, wait_for_people
 
+#: the deployment `python -m flows serve` registers for this flow
+DEPLOYMENT = "ab-test"
+
 
 def _layout(run_dir: str):
     from model.evaluation.layout import EvalLayout
@@ -45,6 +48,16 @@ def eval_campaign(run_dir: str, candidate: str, baseline: str) -> str:
     slug = re.sub(r"[^a-z0-9-]+", "-", path.name.lower())[:12].strip("-") or "eval"
     digest = hashlib.sha256(f"{path}\0{candidate}\0{baseline}".encode()).hexdigest()[:8]
     return f"{slug}-{digest}"
+
+
+def start_evaluation(params: EvalParams, wait: bool):
+    """Start a run of the ``evaluate/ab-test`` deployment with ``params``; ``wait``: until it ends (returns
+    the finished run), else at once (the run suspends while people vote and the relay resumes it)."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(f"evaluate/{DEPLOYMENT}", timeout=None if wait else 0,
+                          parameters=params.model_dump(exclude_defaults=True) | {
+                              "checkpoints": params.checkpoints, "run_dir": params.run_dir})
 
 
 def latest_checkpoints(root: Path = Path("data")) -> tuple[Path, Path]:

@@ -4,7 +4,7 @@ with one message naming the parameter."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,10 @@ class CurateParams(BaseModel):
     train: bool = Field(False, description="start the train-qt flow on the curated set at the end")
     preset: str = Field("tiny", description="model preset for training (tiny, mid, sd15)")
     train_overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")
+    evaluate: bool = Field(False, description="after training, start the evaluate/ab-test deployment: the quality-tuned "
+                           "checkpoint against its base, KID against the curated set, A/B rounds by the same annotators")
+    eval_params: dict[str, Any] = Field(default_factory=dict, description="evaluate flow parameters to set "
+                                        "(n_prompts, seeds, steps, criteria, votes_per_pair, ...)")
 
     @field_validator("sources")
     @classmethod
@@ -51,6 +55,13 @@ class CurateParams(BaseModel):
     def _rounds_shrink(self) -> CurateParams:
         if self.specialist_target > self.generalist_target:
             raise ValueError("specialist_target must not exceed generalist_target (each round narrows the pool)")
+        if self.evaluate and not self.train:
+            raise ValueError("evaluate needs train: it compares the checkpoint training makes with its base")
+        fixed = {"checkpoints", "baseline", "run_dir", "reference", "annotator_mode", "round_timeout_s"}
+        unknown = set(self.eval_params) - (set(EvalParams.model_fields) - fixed)
+        if unknown:
+            raise ValueError(f"eval_params: {sorted(unknown)} cannot be set here (the curate run sets "
+                             f"{sorted(fixed)}; others: {sorted(set(EvalParams.model_fields) - fixed)})")
         return self
 
 

@@ -32,7 +32,8 @@ def train_qt(data_dir: str | None = None, out_dir: str = "data/train-qt", preset
     data = Path(params.data_dir) if params.data_dir else latest_curated()
     result = train_quality_tuned(data, Path(params.out_dir), params.preset, overrides=params.overrides, progress=False)
     create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline", key="checkpoint")
-    summary = {"data": str(data), "checkpoint": str(result.checkpoint), "grids": [str(g) for g in result.grids]}
+    summary = {"data": str(data), "checkpoint": str(result.checkpoint), "base": str(result.base),
+               "grids": [str(g) for g in result.grids]}
     print(f"checkpoint: {result.checkpoint}")
     for grid in result.grids:
         print(f"sample grid: {grid}")

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from flows.stack import Service, prefect_env, prefect_server, serve_process, wait_for_deployments
-from tests.conftest import ADMIN_TOKEN, free_port
+from tests.conftest import ADMIN_TOKEN, SHARED, free_port
+from tests.model.conftest import MOBILENET
 
 
 @dataclass
@@ -44,12 +45,25 @@ def labelstudio_for_flows(labelstudio):
     }
 
 
+def _staged_weights(state: Path) -> dict[str, str]:
+    """The evaluation's ImageNet MobileNetV2 (KID) from ../shared, staged where torchvision looks, as `make
+    weights` would; nothing downloads (NEEDLES_OFFLINE). Without ../shared the judges skip KID, saying so."""
+    env = {"NEEDLES_OFFLINE": "1"}
+    source = SHARED / MOBILENET
+    if source.is_file():
+        checkpoints = state / "torch" / "hub" / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / source.name).symlink_to(source)
+        env["TORCH_HOME"] = str(state / "torch")
+    return env
+
+
 @pytest.fixture(scope="session")
 def prefect_stack(tmp_path_factory, labelstudio_for_flows):
     state = tmp_path_factory.mktemp("prefect-stack")
     workdir = tmp_path_factory.mktemp("flows-workdir")
     port = free_port()
-    env = {**prefect_env(port, home=state / "home"), **labelstudio_for_flows}
+    env = {**prefect_env(port, home=state / "home"), **labelstudio_for_flows, **_staged_weights(state)}
     server = prefect_server(port, state_dir=state)
     server.start(env)
     # The serve process runs from its own working directory, as a user's would from their checkout.

@@ -33,10 +33,19 @@ def _check_funnel_adds_up(run_dir: Path) -> None:
     assert rows["rows in"] == rows["kept"] + removed > 0
 
 
-def test_deployment_run_with_simulated_annotators(prefect_stack):
+# a smoke-sized training and evaluation: the chain, not the model, is under test here
+TRAIN = {"train": True, "preset": "tiny", "train_overrides": [
+    "autoencoder.train_steps=10", "pretrain.0.max_steps=4", "pretrain.1.max_steps=2", "quality_tune.max_steps=4",
+    "quality_tune.eval_every=2", "sample.num_inference_steps=2"]}
+EVALUATE = {"evaluate": True, "eval_params": {"n_prompts": 4, "seeds": 1, "steps": 2, "criteria": ["appeal"],
+                                              "votes_per_pair": {"appeal": 2}}}
+
+
+def test_deployment_run_with_simulated_annotators_trains_and_chains_into_evaluation(prefect_stack, shared_dir):
     done = prefect_stack.prefect(
-        "deployment", "run", "curate/quality-set", "--params", _params(prefect_stack, "simulated", annotator_mode="simulated"),
-        "--watch", "--watch-timeout", "800",
+        "deployment", "run", "curate/quality-set", "--params",
+        _params(prefect_stack, "simulated", annotator_mode="simulated", **TRAIN, **EVALUATE),
+        "--watch", "--watch-timeout", "1200",
     )
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     run_dir = prefect_stack.workdir / "data" / "runs" / "simulated"
@@ -47,6 +56,20 @@ def test_deployment_run_with_simulated_annotators(prefect_stack):
     _check_funnel_adds_up(run_dir)
     pool_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (run_dir / "pool").glob("*.parquet"))
     assert pool_rows > len(metadata)
+
+    # training chained into its own evaluate/ab-test run: tuned vs its base, KID against the curated set
+    assert (run_dir / "train-qt" / "quality_tune" / "best" / "model_index.json").is_file()
+    with prefect_stack.http() as http:
+        runs = http.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["evaluate"]}}}).json()
+        mine = [r for r in runs if r["parameters"].get("run_dir") == str((run_dir / "eval").resolve())]
+        assert len(mine) == 1, [r["parameters"].get("run_dir") for r in runs]
+        evaluation = _wait_state(http, mine[0]["id"], {"Completed"}, timeout=900)
+    params = evaluation["parameters"]
+    assert params["checkpoints"]["tuned"].endswith("quality_tune/best") and params["reference"] == str(curated.resolve())
+    assert params["annotator_mode"] == "simulated" and params["n_prompts"] == 4
+    judges = json.loads((run_dir / "eval" / "judges" / "summary.json").read_text())
+    assert set(judges["distribution"]["kid"]) == {"base", "tuned"}
+    assert (run_dir / "eval" / "report" / "index.html").is_file()
 
 
 def _flow_run(http, run_id: str) -> dict:
