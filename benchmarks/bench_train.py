@@ -1,4 +1,4 @@
-"""Training throughput of the UNet step this repo trains (model.train.diffusion_loss), side by side:
+"""Training throughput of the UNet step this repo trains (model.objective.diffusion_loss), side by side:
 latent loss only (λ = 0) vs latent + pixel-space loss (λ > 0, PS eq. 3), in one run.
 
 GPU (what the numbers are for; SD-1.5-size UNet, 860M, bf16, random weights from config, cached-latent
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.autoencoder import build_kl_autoencoder
 from model.config import AutoencoderConfig, load_config
-from model.train import _generator, diffusion_loss, training_alphas_cumprod
+from model.objective import diffusion_loss, generator as _generator, training_alphas_cumprod
 
 
 def build(cfg, tiny: bool, device, dtype):
@@ -41,7 +41,7 @@ def build(cfg, tiny: bool, device, dtype):
 
 def bench(unet, vae, cfg, stage, batch, res, steps, device, dtype, compile_):
     z = torch.randn(batch, 4, res // 8, res // 8, device=device)
-    text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+    text = {"text": torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)}
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
     decode = lambda x: vae.decode(x.to(dtype)).sample  # noqa: E731
     model = torch.compile(unet) if compile_ else unet

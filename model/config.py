@@ -119,6 +119,16 @@ class DiffusionConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """LoRA on the UNet (peft; diffusers' LoRA scripts' defaults): rank, alpha (null = rank), dropout and
+    the module names it adapts (the attention projections by default)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float | None = None
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+
 class StageConfig(_Strict):
     """One run of the training loop (a pre-training resolution stage, or quality-tuning)."""
 
@@ -141,6 +151,9 @@ class StageConfig(_Strict):
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     min_images: int = 8
+    lora: LoraConfig | None = None  # null = full fine-tuning; else only a LoRA adapter trains
+    gradient_checkpointing: bool = False  # recompute UNet (and, for the pixel loss, VAE decoder) activations
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (install it)
 
     @property
     def micro_batch(self) -> int:

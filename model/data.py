@@ -153,14 +153,23 @@ def assign_buckets(sizes: list[tuple[int, int]], buckets: list[tuple[int, int]],
 
 def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
     """Resize to cover the bucket, centre-crop, -> (3, H, W) in [-1, 1]."""
+    return crop_with_geometry(image, bucket)[0]
+
+
+def crop_with_geometry(image: Image.Image, bucket: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """crop_to_bucket's pixels and SDXL's micro-conditioning of them (SDXL §2.2, diffusers' ``time_ids``):
+    (original height, original width, crop top, crop left, target height, target width), the crop's
+    corner in the resized image's pixels."""
     h, w = bucket
     image = image.convert("RGB")
+    original = (image.height, image.width)
     scale = max(w / image.width, h / image.height)
     size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
     image = image.resize(size, Image.BICUBIC)
     left, top = (size[0] - w) // 2, (size[1] - h) // 2
     image = image.crop((left, top, left + w, top + h))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, (*original, top, left, h, w)
 
 
 # --- the cache -------------------------------------------------------------------------------------
@@ -168,16 +177,18 @@ def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> torch.Tensor:
 
 def build_cache(items: list[CaptionedImage], cache_dir: Path, resolution: int, aspect_ratios: list[float],
                 encode_images: Callable[[torch.Tensor], torch.Tensor],
-                encode_text: Callable[[list[str]], torch.Tensor], fingerprint: str, min_per_bucket: int,
-                batch_size: int = 16, report: ReadReport | None = None) -> "LatentCache":
+                encode_text: Callable[[list[str]], dict[str, torch.Tensor]], fingerprint: str, min_per_bucket: int,
+                batch_size: int = 16, report: ReadReport | None = None, zero_empty: bool = False) -> "LatentCache":
     """Encode every image and caption once into ``cache_dir``; reuse it when ``complete.json`` shows the
-    same fingerprint (models + data + resolution). Images that fail to decode are recorded in the
-    report as unreadable with the error, never silently dropped."""
+    same fingerprint (models + data + resolution). ``encode_text`` gives {"text": ..., and for SDXL
+    "pooled": ...}; each is cached, with its encoding of "" (or zeros, ``zero_empty``: SDXL's
+    unconditional input) for caption dropout, and every image's ``time_ids`` beside them. Images that
+    fail to decode are recorded in the report as unreadable with the error, never silently dropped."""
     from tqdm import tqdm
 
     keys_hash = hashlib.sha256("\n".join(f"{i.key}\t{i.caption}" for i in items).encode()).hexdigest()[:12]
     # everything the cached tensors and their bucket assignment depend on
-    fingerprint = f"{fingerprint}-{resolution}-{sorted(aspect_ratios)}-{min_per_bucket}-{keys_hash}"
+    fingerprint = f"{fingerprint}-{resolution}-{sorted(aspect_ratios)}-{min_per_bucket}-{keys_hash}-{zero_empty}-v2"
     marker = cache_dir / "complete.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return LatentCache(cache_dir)
@@ -202,21 +213,27 @@ def build_cache(items: list[CaptionedImage], cache_dir: Path, resolution: int, a
     for b in sorted(set(assignment)):
         members = [it for it, a in zip(readable, assignment) if a == b]
         name = f"bucket-{buckets[b][0]}x{buckets[b][1]}"
-        lat_chunks, txt_chunks = [], []
+        lat_chunks, geometry, cond_chunks = [], [], {}
         for start in tqdm(range(0, len(members), batch_size), desc=f"caching {name}", leave=False):
             chunk = members[start:start + batch_size]
-            pixels = torch.stack([crop_to_bucket(it.load(), buckets[b]) for it in chunk])
-            latents = encode_images(pixels).float()
+            cropped = [crop_with_geometry(it.load(), buckets[b]) for it in chunk]
+            latents = encode_images(torch.stack([pixels for pixels, _ in cropped])).float()
+            geometry += [g for _, g in cropped]
             latent_sq_sum += float(latents.pow(2).sum())
             latent_count += latents.numel()
             lat_chunks.append(latents.half().numpy())
-            txt_chunks.append(encode_text([it.caption for it in chunk]).half().numpy())
+            for key, value in encode_text([it.caption for it in chunk]).items():
+                cond_chunks.setdefault(key, []).append(value.half().cpu().numpy())
         (cache_dir / name).mkdir(exist_ok=True)
         np.save(cache_dir / name / "latents.npy", np.concatenate(lat_chunks))
-        np.save(cache_dir / name / "text.npy", np.concatenate(txt_chunks))
+        np.save(cache_dir / name / "time_ids.npy", np.asarray(geometry, np.float32))
+        for key, chunks in cond_chunks.items():
+            np.save(cache_dir / name / f"{key}.npy", np.concatenate(chunks))
         (cache_dir / name / "keys.json").write_text(json.dumps([it.key for it in members]))
         meta["buckets"].append({"name": name, "size": list(buckets[b]), "count": len(members)})
-    np.save(cache_dir / "empty_text.npy", encode_text([""]).half().numpy()[0])
+    for key, value in encode_text([""]).items():
+        empty = value.half().cpu().numpy()[0]
+        np.save(cache_dir / f"empty_{key}.npy", np.zeros_like(empty) if zero_empty else empty)
     meta["latent_rms"] = math.sqrt(latent_sq_sum / latent_count) if latent_count else None
     meta["report"] = report.to_dict()
     marker.write_text(json.dumps(meta, indent=1))
@@ -224,15 +241,18 @@ def build_cache(items: list[CaptionedImage], cache_dir: Path, resolution: int, a
 
 
 class LatentCache:
-    """Read side of the cache: per bucket, memory-mapped latents (N, C, h, w) and text (N, L, D)."""
+    """Read side of the cache: per bucket, memory-mapped latents (N, C, h, w), the text conditioning
+    (text (N, L, D), for SDXL pooled (N, P)) and time_ids (N, 6); ``empty``: each conditioning of ""."""
 
     def __init__(self, cache_dir: Path):
         self.dir = Path(cache_dir)
         self.meta = json.loads((self.dir / "complete.json").read_text())
         self.buckets = [b["name"] for b in self.meta["buckets"]]
         self.latents = [np.load(self.dir / n / "latents.npy", mmap_mode="r") for n in self.buckets]
-        self.text = [np.load(self.dir / n / "text.npy", mmap_mode="r") for n in self.buckets]
-        self.empty_text = torch.from_numpy(np.load(self.dir / "empty_text.npy").astype(np.float32))
+        self.empty = {f.stem[len("empty_"):]: torch.from_numpy(np.load(f).astype(np.float32))
+                      for f in sorted(self.dir.glob("empty_*.npy"))}
+        self.cond = {key: [np.load(self.dir / n / f"{key}.npy", mmap_mode="r") for n in self.buckets]
+                     for key in [*self.empty, "time_ids"]}
 
     @property
     def sizes(self) -> list[int]:
@@ -241,10 +261,11 @@ class LatentCache:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def gather(self, bucket: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, bucket: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Latents and conditioning of ``indices`` in ``bucket`` as float32 tensors."""
         idx = np.asarray(indices)
         return (torch.from_numpy(self.latents[bucket][idx].astype(np.float32)),
-                torch.from_numpy(self.text[bucket][idx].astype(np.float32)))
+                {key: torch.from_numpy(arrays[bucket][idx].astype(np.float32)) for key, arrays in self.cond.items()})
 
 
 def split_validation(sizes: list[int], val_fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -11,23 +11,49 @@ it in::
     from model.pipeline import load_pipeline
     pipe = load_pipeline("OUT/quality_tune/best")        # = StableDiffusionPipeline.from_pretrained(
     image = pipe("a red fox in the snow").images[0]      #     path, vae=load_pretrained_autoencoder(path, "vae"))
+
+A fine-tuned SDXL base is a StableDiffusionXLPipeline folder. A LoRA run's folder holds only the adapter
+(``pytorch_lora_weights.safetensors``) and ``needles_lora.json`` naming its base: ``load_pipeline`` loads
+the base and then ``pipe.load_lora_weights(folder)``, as one would by hand.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from model.autoencoder import load_pretrained_autoencoder
 
 
-def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
+    """The stock pipeline of a checkpoint folder (StableDiffusionPipeline or StableDiffusionXLPipeline),
+    with the LoRA adapter applied when ``path`` is a LoRA folder."""
+    from model.lora import lora_base
+
+    base = lora_base(Path(path))
+    if base is not None:
+        pipe = load_pipeline(base, torch_dtype)
+        pipe.load_lora_weights(str(path))
+        return pipe
     vae = load_pretrained_autoencoder(str(path), "vae")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype else {}
     if torch_dtype:
         vae = vae.to(torch_dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(path, vae=vae, **kwargs)
+    pipe = pipeline_class(path).from_pretrained(path, vae=vae, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_class(path: str | Path):
+    name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
+    return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+
+
+def weights_folder(path: str | Path) -> Path:
+    """The folder holding a checkpoint's unet/ and vae/ configs: its base's for a LoRA folder."""
+    from model.lora import lora_base
+
+    return lora_base(Path(path)) or Path(path)

@@ -48,7 +48,9 @@ class LatentShape:
 def latent_shape(checkpoint: str | Path) -> LatentShape:
     """Read from the pipeline folder's unet/ and vae/ configs, without loading any weights. The scale
     factor is diffusers' own: 2 ** (len(vae.config.block_out_channels) - 1)."""
-    checkpoint = Path(checkpoint)
+    from model.pipeline import weights_folder
+
+    checkpoint = weights_folder(checkpoint)  # a LoRA folder samples at its base's shape
     configs = {}
     for part in ("unet", "vae"):
         file = checkpoint / part / "config.json"

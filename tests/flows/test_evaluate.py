@@ -14,7 +14,7 @@ import torch
 
 from model.autoencoder import build_kl_autoencoder
 from model.text import load_text_encoder
-from model.train import Frozen
+from model.bases import Frozen
 from tests.model.conftest import export_tiny_pipeline, tiny
 
 pytestmark = [pytest.mark.prefect, pytest.mark.labelstudio, pytest.mark.slow]

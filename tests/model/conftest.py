@@ -15,7 +15,7 @@ from PIL import Image
 from model.autoencoder import build_kl_autoencoder
 from model.config import load_config
 from model.text import load_text_encoder
-from model.train import Frozen
+from model.bases import Frozen
 
 PHOTOS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee on a saucer",
           "chelsea": "a tabby cat looking to the side", "rocket": "a rocket on the launch pad",
@@ -113,7 +113,8 @@ def curated_dir(tmp_path_factory) -> Path:
 def export_tiny_pipeline(out: Path, frozen: Frozen, seed: int = 0, resolution: int = 64) -> Path:
     """A pipeline folder around the tiny frozen models with a RANDOM tiny UNet (``seed``): no training, for
     tests of what reads checkpoints (its images are noise-like; ``resolution`` sets the latent size)."""
-    from model.train import build_unet, export_pipeline
+    from model.bases import build_unet
+    from model.export import export_pipeline
 
     cfg = tiny(f"seed={seed}")
     return export_pipeline(out, build_unet(cfg, frozen, resolution), frozen, cfg, scaling_factor=0.5)

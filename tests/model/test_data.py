@@ -66,7 +66,7 @@ def test_the_latent_cache_is_rebuilt_when_its_buckets_would_change(tmp_path):
             encoded.append(len(x))
             return torch.nn.functional.avg_pool2d(x, 8)  # stands in for an autoencoder: 1/8 size
 
-        return build_cache(items, tmp_path / "cache", 128, ratios, encode, lambda p: torch.zeros(len(p), 4, 8),
+        return build_cache(items, tmp_path / "cache", 128, ratios, encode, lambda p: {"text": torch.zeros(len(p), 4, 8)},
                            fingerprint="models", min_per_bucket=min_per_bucket)
 
     square = build([1.0], 1)

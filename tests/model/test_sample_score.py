@@ -25,7 +25,9 @@ from model.pipeline import load_pipeline
 from model.evaluation import EvaluationError, load_prompts
 from model.evaluation.generate import generate
 from model.evaluation.prompts import SELECTION_FILE, selection_prompts
-from model.train import Frozen, run_stage, score_selection
+from model.bases import Frozen
+from model.export import score_selection
+from model.train import run_stage
 from tests.builders import tiny_random_clip
 from tests.model.conftest import FAST, photo_variants
 

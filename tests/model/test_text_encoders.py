@@ -9,7 +9,8 @@ from transformers import T5EncoderModel
 from model.autoencoder import build_kl_autoencoder
 from model.pipeline import load_pipeline
 from model.text import encode_prompts, load_text_encoder
-from model.train import Frozen, run_stage
+from model.bases import Frozen
+from model.train import run_stage
 from tests.model.conftest import tiny
 
 

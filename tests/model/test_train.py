@@ -14,16 +14,10 @@ import torch
 from model.autoencoder import ChannelMismatchError, build_kl_autoencoder
 from model.data import DataError
 from model.pipeline import load_pipeline
-from model.train import (
-    CheckpointError,
-    Frozen,
-    _generator,
-    build_unet,
-    diffusion_loss,
-    load_base_unet,
-    run_stage,
-    training_alphas_cumprod,
-)
+from model.bases import Frozen, build_unet, load_base_unet
+from model.checkpoints import CheckpointError
+from model.objective import diffusion_loss, generator as _generator, training_alphas_cumprod
+from model.train import run_stage
 from tests.model.conftest import tiny, write_imagefolder
 
 
@@ -57,12 +51,12 @@ def test_overfits_8_images_with_clearly_falling_loss(frozen, tmp_path):
     from model.data import LatentCache
 
     cache = LatentCache(next((tmp_path / "cache").iterdir()))
-    z, text = cache.gather(0, list(range(cache.sizes[0])))
+    z, cond = cache.gather(0, list(range(cache.sizes[0])))
     scale = json.loads((result.final / "vae" / "config.json").read_text())["scaling_factor"]
 
     def train_set_loss(unet) -> float:  # same noise and timesteps for both models
         with torch.no_grad():
-            return sum(diffusion_loss(unet, z * scale, text, cfg, cfg.quality_tune, _generator(0, 9, k),
+            return sum(diffusion_loss(unet, z * scale, cond, cfg, cfg.quality_tune, _generator(0, 9, k),
                                       training_alphas_cumprod(cfg), None)[0].item() for k in range(8)) / 8
 
     initial = build_unet(cfg, frozen, 64).eval()  # the same seeded initialisation the run started from
@@ -95,7 +89,7 @@ def test_pixel_loss_gradient_reaches_the_unet_only(frozen, tmp_path):
     cfg = tiny("quality_tune.pixel_loss_weight=4.0", "quality_tune.noise_offset=0.1")
     unet = build_unet(cfg, frozen, 64)
     z = torch.randn(2, 4, 8, 8)
-    text = torch.randn(2, 77, 32)
+    text = {"text": torch.randn(2, 77, 32)}
     # the decoder as training loads it (load_autoencoder), from a copy whose weights still train
     trainable = copy.deepcopy(frozen.vae).requires_grad_(True)
     trainable.save_pretrained(tmp_path / "vae")
