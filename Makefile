@@ -10,6 +10,7 @@ CONFIG ?=
 PRESET ?= $(shell $(PY) -c "import torch; print('sd15' if torch.cuda.is_available() else 'tiny')" 2>/dev/null || echo tiny)
 # the newest curated set the curate flow exported (override: make train-qt CURATED=path);
 # SET="key=value ..." overrides preset fields (python -m model train-qt --help)
+# BASE=folder-or-hub-id: quality-tune a public SD 1.x/2.x or SDXL base (PRESET=public-full or public-lora)
 # GPUS=n: data-parallel training, one process per GPU (torchrun; on a machine without CUDA the processes
 # use the CPU over gloo)
 GPUS ?= 1
@@ -67,7 +68,7 @@ pipeline-demo: sample
 
 train-qt: install
 	@test -n "$(CURATED)" || { echo "no curated set under $(DATA)/: run 'make demo' or pass CURATED=path"; exit 2; }
-	$(TRAIN_LAUNCH) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s))
+	$(TRAIN_LAUNCH) -m model train-qt --preset $(PRESET) --data $(CURATED) --out $(DATA)/train-qt-$(PRESET) $(foreach s,$(SET),--set $(s)) $(if $(filter command line environment,$(origin BASE)),--base $(BASE))
 
 # Did quality-tuning help? `make eval BASE=pipeline TUNED=pipeline`: generations of both on the same prompts and
 # seeds, the automatic judges, then human A/B rounds in Label Studio (the run suspends until people have voted;
@@ -87,7 +88,7 @@ eval: up
 
 weights: install
 	$(PY) -m pipeline weights $(if $(CONFIG),--config $(CONFIG))
-	$(PY) -m model weights $(if $(PRESET),--preset $(PRESET))
+	$(PY) -m model weights $(if $(PRESET),--preset $(PRESET)) $(if $(filter command line environment,$(origin BASE)),--base $(BASE))
 
 # Regenerate the documented default config from pipeline/config.py (a test keeps them equal).
 config: install

@@ -1,6 +1,7 @@
 """Command line for the training stage.
 
     python -m model train-qt  --preset tiny --data CURATED --out OUT [--base PIPELINE] [--pool POOL]
+    python -m model train-qt  --preset public-lora --base stabilityai/stable-diffusion-xl-base-1.0 --data CURATED --out OUT
     python -m model pretrain  --preset sd15 --data POOL --out OUT
     python -m model train-autoencoder --preset tiny --data IMAGES --out OUT
     python -m model sample    --checkpoint OUT/quality_tune/best --prompt "a red fox" --out fox.png
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True, type=Path)
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         if name == "train-qt":
-            p.add_argument("--base", type=Path, help="a pre-trained pipeline folder to start from")
+            p.add_argument("--base", help="the base to quality-tune: a pipeline folder (needles', SD 1.x/2.x, SDXL) or a "
+                                          "hub id staged by `python -m model weights --base ID`; presets public-full, "
+                                          "public-lora")
             p.add_argument("--pool", type=Path, help="pool to pre-train on when there is no base")
     s = sub.add_parser("sample", help="sample images from a saved pipeline")
     s.add_argument("--checkpoint", required=True, type=Path)
@@ -51,16 +54,19 @@ def main(argv: list[str] | None = None) -> int:
                                        "preset's sample.score CLIP/aesthetic weights) where there is network")
     w.add_argument("--preset", help="also stage what this preset's sample.score needs (tiny | mid | sd15 | YAML)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    w.add_argument("--base", action="append", default=[], metavar="HUB_ID",
+                   help="also stage this public base's pipeline files (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from model.bases import BaseError
     from model.data import DataError
     from pipeline.errors import UserError
     from pipeline.weights import WeightsError
 
     try:
         return _run(args)
-    except (DataError, FileNotFoundError, ValueError, WeightsError, UserError) as e:
+    except (DataError, FileNotFoundError, ValueError, WeightsError, UserError, BaseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -129,6 +135,10 @@ def _weights(args: argparse.Namespace) -> int:
                 specs += build_scorer(name, getattr(score, name)).weights()
     for spec in specs:
         print(f"{spec.name}: {stage(spec)}")
+    from model.bases import stage_base
+
+    for base in args.base:
+        print(f"{base}: {stage_base(base)}")
     return 0
 
 

@@ -140,6 +140,13 @@ def load_base_frozen(path: Path, family: str) -> Frozen:
     return frozen
 
 
+def native_resolution(path: Path) -> int:
+    """The image side a base was trained at: its UNet's sample_size x its autoencoder's downsampling."""
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def base_diffusion(cfg: Config, frozen: Frozen) -> Config:
     """``cfg`` with the diffusion schedule of the base it fine-tunes: its betas, steps and prediction type
     (what its UNet learned). EDM cannot be fine-tuned into a DDPM-trained base."""

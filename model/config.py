@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -133,7 +133,9 @@ class StageConfig(_Strict):
     """One run of the training loop (a pre-training resolution stage, or quality-tuning)."""
 
     name: str
-    resolution: int  # bucket base side in pixels (each bucket has about resolution² pixels)
+    # bucket base side in pixels (each bucket has about resolution² pixels); null = a public base's native
+    # size (512 for SD 1.5, 768 for SD 2.x-v, 1024 for SDXL)
+    resolution: int | None
     max_steps: int  # optimizer steps
     batch_size: int = 64  # effective batch = batch_size; micro-batches of micro_batch_size accumulate
     micro_batch_size: int | None = None  # null = batch_size (no accumulation)
@@ -164,7 +166,7 @@ class StageConfig(_Strict):
         if self.batch_size % self.micro_batch:
             raise ValueError(f"stage {self.name}: batch_size {self.batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch}")
-        if self.resolution % 64:
+        if self.resolution is not None and self.resolution % 64:
             raise ValueError(f"stage {self.name}: resolution {self.resolution} must be a multiple of 64")
         return self
 
@@ -253,6 +255,11 @@ class Config(_Strict):
     sample: SampleConfig = SampleConfig()
     pretrain: list[StageConfig] = Field(default_factory=list)
     quality_tune: StageConfig
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):  # `--set mixed_precision=no` reads as YAML's false
+        return "no" if value is False else value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -43,7 +43,7 @@ from diffusers.utils import make_image_grid
 
 from model.autoencoder import decode_latents, encode_latents, train_autoencoder
 from model.bases import (Frozen, base_diffusion, base_family, build_unet, encode_text, load_base_frozen,
-                         load_base_unet, load_frozen, resolve_base)
+                         load_base_unet, load_frozen, native_resolution, resolve_base)
 from model.checkpoints import latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
 from model.config import Config, StageConfig, load_config
 from model.data import (BalancedBucketSampler, DataError, LatentCache, build_cache, crop_to_bucket,
@@ -468,6 +468,8 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
     cfg = load_config(preset, overrides)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    base_path = resolve_base(base) if base else None  # cheap checks first: a wrong base fails at once
+    family = base_family(base_path) if base_path else "needles"
     ranks = process_state()  # under `accelerate launch` / torchrun: one process per device
     if ranks.is_main_process:
         cfg.save(out_dir / "config.yaml")
@@ -477,18 +479,21 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
             # loads CLIP and the aesthetic head (or, for kid, the curated images' features) now: missing
             # weights fail before any training
             sample_scorer = PipelineSampleScorer(cfg.sample.score, reference=data_dir, seed=cfg.seed)
-    base_path = resolve_base(base) if base else None
-    family = base_family(base_path) if base_path else "needles"
     stages: list[StageResult] = []
     ae_metrics = None
     if family != "needles":  # a public base brings its own frozen models and schedule
         frozen = load_base_frozen(base_path, family)
         cfg = base_diffusion(cfg, frozen)
+        if cfg.quality_tune.resolution is None:  # the base's own
+            cfg.quality_tune.resolution = native_resolution(base_path)
         if ranks.is_main_process:
             cfg.save(out_dir / "config.yaml")
         log.info("quality-tuning a %s base (%s; %s, %s)", family, base_path, cfg.diffusion.prediction_type,
                  f"LoRA rank {cfg.quality_tune.lora.rank}" if cfg.quality_tune.lora else "full fine-tuning")
     else:
+        if any(s.resolution is None for s in [*cfg.pretrain, cfg.quality_tune]):
+            raise ValueError("a stage's resolution is null (the base's native size), but there is no public base: "
+                             "set quality_tune.resolution, or give --base")
         with ranks.main_process_first():  # rank 0 trains the autoencoder; the others then load it
             ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)
         frozen = load_frozen(cfg, out_dir / "autoencoder")

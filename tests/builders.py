@@ -86,3 +86,50 @@ def tiny_random_clip(folder: Path, embed_dim: int = 32) -> dict:
     checkpoint = folder / f"{name}.pt"
     torch.save(open_clip.create_model(name, pretrained=None).state_dict(), checkpoint)
     return {"model": name, "pretrained": None, "checkpoint": str(checkpoint), "device": "cpu"}
+
+
+def tiny_random_sd_pipeline(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
+    """A TINY RANDOMLY-INITIALISED public-base pipeline folder built from config, saved as diffusers saves
+    the real ones: ``sd15`` / ``sd2-v`` (StableDiffusionPipeline; sd2-v predicts v) or ``sdxl``
+    (StableDiffusionXLPipeline: two CLIP text encoders, the second with a projection, text_time added
+    embeddings). Shapes follow diffusers' own test fixtures; the weights mean nothing."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from model.text import tiny_random_clip_tokenizer
+
+    torch.manual_seed(seed)
+    sdxl = family == "sdxl"
+    tokenizer = tiny_random_clip_tokenizer(77)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                projection_dim=32)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=32, sample_size=64, scaling_factor=0.13025 if sdxl else 0.18215)
+    unet_kwargs = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
+    if sdxl:
+        unet = UNet2DConditionModel(**unet_kwargs, cross_attention_dim=64, attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                    projection_class_embeddings_input_dim=6 * 8 + 32)
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           steps_offset=1, timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+                                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+                                         tokenizer=tokenizer, tokenizer_2=tiny_random_clip_tokenizer(77), unet=unet,
+                                         scheduler=scheduler)
+    else:
+        unet = UNet2DConditionModel(**unet_kwargs, cross_attention_dim=32, attention_head_dim=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1,
+                                  prediction_type="v_prediction" if family == "sd2-v" else "epsilon")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return Path(folder)
