@@ -73,6 +73,7 @@ train-qt: install
 # Did quality-tuning help? `make eval BASE=pipeline TUNED=pipeline`: generations of both on the same prompts and
 # seeds, the automatic judges, then human A/B rounds in Label Studio (the run suspends until people have voted;
 # ANNOTATORS=simulated for scripted demo voters). Without BASE/TUNED: the demo's checkpoints, simulated voters.
+# KID/FD against the newest curated set (CURATED=path to choose another reference).
 ifeq ($(origin BASE),undefined)
 ANNOTATORS ?= simulated
 else
@@ -81,7 +82,7 @@ endif
 BASE ?= $(shell $(PY) -c "from flows.evaluate import latest_checkpoints; print(latest_checkpoints()[0])" 2>/dev/null)
 TUNED ?= $(shell $(PY) -c "from flows.evaluate import latest_checkpoints; print(latest_checkpoints()[1])" 2>/dev/null)
 EVAL_RUN ?= $(DATA)/runs/eval
-EVAL_ARGS ?= $(if $(filter simulated,$(ANNOTATORS)),--n-prompts 12 --seeds 2 --steps 8,)
+EVAL_ARGS ?= $(if $(filter simulated,$(ANNOTATORS)),--n-prompts 12 --seeds 2 --steps 8,) $(if $(CURATED),--reference $(CURATED))
 eval: up
 	@test -n "$(BASE)" -a -n "$(TUNED)" || { echo "no checkpoints: pass BASE=pipeline TUNED=pipeline, or run 'make demo' first"; exit 2; }
 	$(PY) -m flows evaluate --base $(BASE) --tuned $(TUNED) --run-dir $(EVAL_RUN) --annotators $(ANNOTATORS) $(EVAL_ARGS)
