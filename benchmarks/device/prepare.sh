@@ -6,28 +6,41 @@
 #   run(command="bash benchmarks/device/run.sh clip-train", carry=[".device"], timeout_s=560)
 #   benchmarks/device/prepare.sh ocr          # wheels + EasyOCR weights as float16 (~60 MB)
 #   run(command="bash benchmarks/device/run.sh ocr", carry=[".device"], timeout_s=300)
+#   benchmarks/device/prepare.sh public-bases # wheels only (~10 MB; issue 11: SD-1.5 full / SDXL LoRA steps)
+#   run(command="bash benchmarks/device/run.sh public-bases", carry=[".device"], timeout_s=560)
 #
 # The GPU image has torch, torchvision, accelerate, transformers, timm, scikit-image, opencv and pyarrow, but
-# not pydantic, open_clip, easyocr or diffusers: their wheels (CPython 3.12, manylinux x86-64, the versions
+# not pydantic, open_clip, easyocr, diffusers or peft: their wheels (CPython 3.12, manylinux x86-64, the versions
 # constraints.txt pins) travel in .device/wheels. EasyOCR's weights (CRAFT 79 MB + recogniser 15 MB) exceed
 # what a call may carry, so they travel as float16 and run.sh restores float32 files (speed is what the
 # benchmark measures; the restored weights differ from the real ones only in the last bits).
 set -euo pipefail
-PROFILE=${1:?usage: prepare.sh clip-train|ocr}
+PROFILE=${1:?usage: prepare.sh clip-train|ocr|public-bases}
+case "$PROFILE" in clip-train|ocr|public-bases) ;; *) echo "unknown profile $PROFILE" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/../.."
 OUT=.device
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
 rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/weights"
 
 pin() { grep -i "^$1==" constraints.txt | head -1; }
-PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions open_clip_torch ftfy wcwidth
-          easyocr python-bidi pyclipper shapely)
-[ "$PROFILE" = ocr ] || PACKAGES+=(diffusers importlib_metadata lazy-importer)
+PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions)
+case "$PROFILE" in
+  # model/ (config, objective, bases, lora) and diffusers' UNet/VAE; peft for LoRA (model.lora.attach_lora)
+  public-bases) PACKAGES+=(diffusers importlib_metadata lazy-importer peft) ;;
+  ocr) PACKAGES+=(open_clip_torch ftfy wcwidth easyocr python-bidi pyclipper shapely) ;;
+  *) PACKAGES+=(open_clip_torch ftfy wcwidth easyocr python-bidi pyclipper shapely diffusers importlib_metadata
+                lazy-importer) ;;
+esac
 SPECS=()
 for p in "${PACKAGES[@]}"; do
   spec=$(pin "$p" || true)
   [ -n "$spec" ] || spec=$(pin "${p//_/-}" || true)
-  [ -n "$spec" ] || { echo "error: $p is not pinned in constraints.txt" >&2; exit 2; }
+  if [ -z "$spec" ]; then  # not pinned (yet): the version this checkout's .venv runs, said aloud
+    version=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p" 2>/dev/null) ||
+      { echo "error: $p is not pinned in constraints.txt nor installed in .venv" >&2; exit 2; }
+    echo "warning: $p is not pinned in constraints.txt; taking .venv's $p==$version" >&2
+    spec="$p==$version"
+  fi
   SPECS+=("$spec")
 done
 PLATFORMS=()
