@@ -61,6 +61,7 @@ def test_sdxl_time_ids_are_each_images_original_size_crop_and_bucket():
 
 @pytest.mark.parametrize("family, overrides", [
     ("sd15", [PIXEL]),  # SD 1.x, full fine-tuning through the pixel-space term
+    ("sd15", []),  # and without it
     ("sd2-v", [LORA]),  # SD 2.x v-prediction, LoRA
     ("sdxl", [PIXEL, "quality_tune.gradient_checkpointing=true"]),
     ("sdxl", [LORA, PIXEL]),
