@@ -12,13 +12,16 @@ shard's row count and ids against its input before writing it, so no row is lost
 
 Resume: a shard whose output exists and was written by the same chain (recorded in the file's metadata)
 is skipped; outputs are written to a temporary name and renamed, so a crash never leaves half a shard.
-``RAY_ADDRESS`` set -> the job runs on that cluster; unset -> a local Ray on this machine.
+``RAY_ADDRESS`` set -> the job runs on that cluster; unset -> a local Ray on this machine, listening on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +35,8 @@ from pipeline import schema
 from pipeline.errors import UserError
 from pipeline.layout import RunLayout
 from pipeline.scorer import Resources, Scorer, check_chain
+
+logger = logging.getLogger(__name__)
 
 CHAIN_METADATA_KEY = b"needles.scorer_chain"
 SHARD_COLUMN = "path"  # the column Ray Data's include_paths adds: which ingest shard a row came from
@@ -192,7 +197,8 @@ def _score_in_process(layout, pending, scorers, columns, signature, stats, progr
 
 
 def init_ray(**kwargs) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray (quietly, no usage stats)."""
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray (quietly, no usage stats) that
+    listens on the loopback interface only (see ``_loopback_only``)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -200,8 +206,41 @@ def init_ray(**kwargs) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
-    else:
+        return
+    with _loopback_only():
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
+    node_ip = ray._private.worker.global_worker.node.node_ip_address
+    if node_ip not in LOOPBACK:
+        logger.warning("the local Ray listens on %s, not only on the loopback interface", node_ip)
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Start a local Ray whose GCS, raylet, workers and agents bind to 127.0.0.1 instead of every
+    interface (on Linux Ray takes the node's routable address and listens on all interfaces).
+
+    Ray's own switch for that is the single-machine mode it uses on macOS and Windows: with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` its node address is the loopback one, for the driver and (the
+    variable is inherited) for every process it starts. The driver reads the variable when ``ray`` is
+    first imported, so its constant is set too, and both are put back once the node is up: a later
+    ``ray.init(address=...)`` in this process joins a real cluster with its real address."""
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 class _ScorerActor:

@@ -4,6 +4,7 @@ which no other Ray instance has run.)"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -78,6 +79,42 @@ def test_ray_matches_in_process(tmp_path, local_ray):
     setup_all(chain)
     in_process = score_table(table, chain).select(on_ray.column_names).sort_by(schema.ID)
     assert on_ray.cast(in_process.schema).equals(in_process)
+
+
+def _is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is the IPv4 loopback on a v6 socket
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+@pytest.mark.skipif(bool(os.environ.get("RAY_ADDRESS")), reason="RAY_ADDRESS is set: no local Ray is started")
+def test_local_ray_listens_on_loopback_only(local_ray):
+    import psutil
+    from ray._private import ray_constants
+
+    ray = local_ray
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process is up, with its own server
+    node = ray._private.worker.global_worker.node
+    assert node.node_ip_address == "127.0.0.1"
+    assert node.gcs_address.rsplit(":", 1)[0] == "127.0.0.1"
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+    # Every socket a Ray process of this session listens on (GCS, raylet, workers, agents) is loopback.
+    me = psutil.Process()
+    ray_pids = {p.pid: p.name() for p in me.children(recursive=True)} | {me.pid: me.name()}
+    listening = [
+        (ray_pids[c.pid], c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in ray_pids
+    ]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, f"Ray's servers not found among {sorted(names)}"
+    exposed = [sock for sock in listening if not _is_loopback(sock[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+    # The switch is put back once the node is up: a later ray.init(address=...) joins with the real address.
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
+    assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR not in os.environ
 
 
 def test_rerun_scores_only_missing_shards(tmp_path, local_ray):
