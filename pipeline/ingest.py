@@ -7,7 +7,8 @@ Sources (a list may mix them; globs are expanded, sorted):
   ``file_name`` (relative to the sidecar's folder) and ``text`` or ``caption``. Sub-folders may carry
   their own sidecar. An image without a sidecar row is kept with a null caption: the CLIP scorer
   scores null captions as null with a reason and selection decides, so an image is never lost for
-  a caption it could still get (e.g. in the specialist annotation round).
+  a caption it could still get (e.g. in the specialist annotation round). A warning names each folder
+  with such images and their count, and the report shows the missing captions per source.
 - **Parquet** with image bytes (``image``/``jpg``/``image_bytes``/..., binary or a Hugging Face
   ``{bytes, path}`` struct) or local paths (``image_path``/``path``/``file_name``/``url`` with
   ``file://``; nothing is downloaded: fetch remote URLs with img2dataset first), and LAION/img2dataset
@@ -269,11 +270,36 @@ def _sidecar_in(folder: Path, files: list[str]) -> Path | None:
     return folder / candidates[0] if candidates else None
 
 
+def _warn_uncaptioned(root: Path, images: set[str], rows: dict[str, Any], sidecar_dirs: set[str]) -> None:
+    """One warning per folder holding images that no sidecar row describes: they are ingested with a null
+    caption (and ``min_clip_score`` drops them as ``clip_score_null``), which must not go unnoticed."""
+    uncaptioned: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for relative in images:
+        folder = relative.rpartition("/")[0] or "."
+        totals[folder] += 1
+        uncaptioned[folder] += relative not in rows
+    for folder in sorted(f for f, n in uncaptioned.items() if n):
+        where = root / folder if folder != "." else root
+        if not any(d == "." or folder == d or folder.startswith(d + "/") for d in sidecar_dirs):
+            why = f"no captions sidecar ({' or '.join(SIDECAR_JSONL)} or a .csv with file_name and text/caption)"
+        else:
+            why = "no row in the captions sidecar"
+        log.warning(
+            "%s: %d of %d images have no caption (%s); they are ingested with a null caption",
+            where,
+            uncaptioned[folder],
+            totals[folder],
+            why,
+        )
+
+
 def _folder_items(root: Path) -> Iterator[Item]:
     source = str(root)
     images: set[str] = set()
     rows: dict[str, dict[str, Any]] = {}
     bad_rows: list[Item] = []
+    sidecar_dirs: set[str] = set()
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
         folder = Path(dirpath)
@@ -284,6 +310,7 @@ def _folder_items(root: Path) -> Iterator[Item]:
         sidecar = _sidecar_in(folder, files)
         if sidecar is None:
             continue
+        sidecar_dirs.add(prefix.as_posix())
         for key, row, error in _read_sidecar(sidecar):
             sidecar_key = (prefix / key).as_posix()
             if row is None:
@@ -300,6 +327,7 @@ def _folder_items(root: Path) -> Iterator[Item]:
                 )
                 continue
             rows[relative] = {k: v for k, v in row.items() if k not in FILE_NAME_KEYS}
+    _warn_uncaptioned(root, images, rows, sidecar_dirs)
     yield from bad_rows
     for relative in sorted(images | set(rows)):
         if not _is_utf8(relative):  # Parquet strings are UTF-8: such a path could not be stored or found again
@@ -759,12 +787,13 @@ def ingest(
         raise RuntimeError(f"ingest lost rows: {asdict(stats)}")  # a bug, never bad input
     stats_path.write_text(json.dumps({"inputs": fingerprint, "stats": asdict(stats)}, indent=2))
     log.info(
-        "ingested %d of %d rows (%d duplicates, %d quarantined: %s) in %.1f s",
+        "ingested %d of %d rows (%d duplicates, %d quarantined: %s; %d without a caption) in %.1f s",
         stats.ingested,
         stats.rows_in,
         stats.duplicates,
         stats.quarantined,
         stats.quarantine_reasons,
+        stats.missing_captions,
         stats.seconds,
     )
     return stats

@@ -1,7 +1,8 @@
 """What selection cut and why, for a person to check: DuckDB queries over the run's Parquet files.
 
 ``funnel(run_dir)`` accounts for every input row (rows in = kept + dropped + quarantined + exact
-duplicates, checked). ``build_report(run_dir, config)`` writes ``RUN/report/``: the funnel, score
+duplicates, checked). ``build_report(run_dir, config)`` writes ``RUN/report/``: the funnel, the rows and
+missing captions per source, score
 histograms with the thresholds drawn in, the concept distribution before and after balancing, and
 contact sheets (thumbnail grids labelled with id and score) of kept rows and of the rows each filter
 dropped, all shown by one ``index.html`` that links the PNGs relatively (the folder can be copied
@@ -165,6 +166,17 @@ def funnel_markdown(rows: list[dict]) -> str:
     lines = ["| stage | reason | rows | remaining |", "| --- | --- | ---: | ---: |"]
     lines += [f"| {r['stage']} | {r['reason'] or ''} | {r['rows']:,} | {r['remaining']:,} |" for r in rows]
     return "\n".join(lines)
+
+
+def captions_by_source(run_dir: Path) -> list[tuple[str, int, int]]:
+    """(source, ingested rows, rows without a caption) per source, in source order."""
+    return _captions(_open(Path(run_dir)))
+
+
+def _captions(src: _Sources) -> list[tuple[str, int, int]]:
+    return src.con.execute(
+        f"SELECT {schema.SOURCE}, count(*), count(*) FILTER (WHERE {schema.CAPTION} IS NULL) FROM ingest GROUP BY 1 ORDER BY 1"
+    ).fetchall()
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -345,13 +357,13 @@ def _draw_sheets(src: _Sources, sheets: list[_Sheet], size: int, out: Path) -> l
 
 
 def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig, any_reason: list[tuple],
-          figures: list[str], concepts: list[tuple], sheets: list[dict]) -> str:
+          figures: list[str], concepts: list[tuple], sheets: list[dict], captions: list[tuple]) -> str:
     e = html.escape
     rows_in = rows[0]["rows"] or 1
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>needles selection report: {e(run_dir.name)}</title>",
            f"<style>{_STYLE}</style></head><body>",
            f"<h1>Selection report</h1><p class='muted'>{e(str(run_dir))}</p>",
-           ("<nav><a href='#funnel'>funnel</a><a href='#filters'>filters</a><a href='#scores'>scores</a>"
+           ("<nav><a href='#funnel'>funnel</a><a href='#sources'>sources</a><a href='#filters'>filters</a><a href='#scores'>scores</a>"
             "<a href='#concepts'>concepts</a><a href='#sheets'>contact sheets</a></nav>")]
     kept = rows[-1]["rows"]
     dropped = sum(r["rows"] for r in rows if r["stage"] not in _NOT_DROPS + ("quarantined", "exact duplicates"))
@@ -365,6 +377,18 @@ def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig
         out.append(f"<tr class='{'drop' if drop else ''}'><td>{e(r['stage'])}</td><td>{e(r['reason'] or '')}</td>"
                    f"<td class='n'>{r['rows']:,}</td><td class='n'>{r['remaining']:,}</td>"
                    f"<td><span class='bar' style='width:{max(1, round(300 * share))}px'></span> {100 * share:.1f}%</td></tr>")
+    out.append("</table>")
+
+    missing = sum(m for _, _, m in captions)
+    out.append("<h2 id='sources'>Sources</h2>")
+    if missing:
+        out.append(f"<p class='bad'>captions missing: {missing:,} of {sum(n for _, n, _ in captions):,} ingested rows have "
+                   "no caption (a folder without a sidecar, or no sidecar row / an empty caption for them); they have "
+                   f"no CLIP score and {FILTERS_BY_NAME['min_clip_score'].null_reason} drops them when min_clip_score is set</p>")
+    out.append("<table><tr><th>source</th><th>ingested</th><th>captions missing</th><th></th></tr>")
+    for source, n, m in captions:
+        out.append(f"<tr><td>{e(source)}</td><td class='n'>{n:,}</td><td class='n{' bad' if m else ''}'>{m:,}</td>"
+                   f"<td>{100 * m / max(n, 1):.1f}%</td></tr>")
     out.append("</table>")
 
     out.append("<h2 id='filters'>Filters</h2><table><tr><th>filter</th><th>rule</th><th>rows failing it (any reason)</th></tr>")
@@ -420,7 +444,10 @@ def build_report(run_dir: Path, config: PipelineConfig) -> Path:
     figures = _histograms(src, summary, config, staging)
     concepts = _concepts(src, staging)
     sheets = _draw_sheets(src, _plan_sheets(src, summary, config), config.report.contact_sheet_cell, staging)
-    (staging / "index.html").write_text(_html(run_dir, rows, summary, config, any_reason, figures, concepts, sheets), encoding="utf-8")
+    captions = _captions(src)
+    (staging / "index.html").write_text(
+        _html(run_dir, rows, summary, config, any_reason, figures, concepts, sheets, captions), encoding="utf-8"
+    )
     shutil.rmtree(src.layout.report, ignore_errors=True)
     staging.rename(src.layout.report)
     return src.layout.report / "index.html"

@@ -405,7 +405,7 @@ def read_scored(layout: RunLayout, config: PipelineConfig) -> tuple[pa.Table, pa
     ingest_columns = [f.name for f in pq.read_schema(ingest[0]) if f.name in needed]
     score_columns = [f.name for f in pq.read_schema(scores[0]) if f.name != schema.ID and f.name not in ingest_columns]
     columns = [f'i."{c}"' for c in ingest_columns] + [f's."{c}"' for c in score_columns]
-    table = duckdb.connect().execute(
+    table = duckdb.connect().sql(
         f"""
         SELECT {", ".join(columns)},
                i.file_index AS _ingest_file, i.file_row_number AS _ingest_row,
@@ -413,7 +413,7 @@ def read_scored(layout: RunLayout, config: PipelineConfig) -> tuple[pa.Table, pa
         FROM read_parquet($ingest) i
         LEFT JOIN read_parquet($scores, union_by_name = true) s USING ({schema.ID})
         """,
-        {"ingest": [str(p) for p in ingest], "scores": [str(p) for p in scores]},
+        params={"ingest": [str(p) for p in ingest], "scores": [str(p) for p in scores]},
     ).to_arrow_table()
     unscored = table["_score_file"].null_count
     if unscored:

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -96,6 +97,29 @@ def test_folder_with_jsonl_sidecar(tmp_path):
     assert rows["1.jpg"][schema.ENGAGEMENT] is None
     assert json.loads(rows["1.jpg"][schema.META]) == {"favourites": "many"}
     assert rows["2.jpg"][schema.CAPTION] is None and rows["2.jpg"][schema.META] is None
+
+
+def test_folder_without_sidecar_warns_naming_the_folder_and_count(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    (folder / "captioned").mkdir(parents=True)
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(photo(i))  # the top folder: no sidecar at all
+    for i in range(4, 7):
+        (folder / "captioned" / f"{i}.jpg").write_bytes(photo(i))
+    write_jsonl(folder / "captioned" / "captions.jsonl",
+                [{"file_name": "4.jpg", "text": "a"}, {"file_name": "5.jpg", "text": "b"}])  # 6.jpg: no row
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+        stats = ingest([folder], tmp_path / "run", workers=1)
+    assert (stats.ingested, stats.missing_captions) == (7, 5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{folder}: 4 of 4 images have no caption (no captions sidecar")
+    assert warnings[1].startswith(f"{folder / 'captioned'}: 1 of 3 images have no caption (no row in the captions sidecar")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+        ingest([folder / "captioned"], tmp_path / "run2", workers=1)
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelno == logging.WARNING] == [str(folder / "captioned")]
 
 
 def test_thumbnail_longest_side_and_draft(tmp_path):

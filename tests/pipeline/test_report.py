@@ -13,9 +13,9 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.config import THRESHOLD_FILTERS, parse_config
-from pipeline.report import ReportError, build_report, funnel, funnel_markdown
+from pipeline.report import ReportError, build_report, captions_by_source, funnel, funnel_markdown
 from pipeline.select import SelectError, run_select
-from tests.builders import write_ingest_run
+from tests.builders import random_photo, write_ingest_run
 
 N = 40
 
@@ -107,6 +107,39 @@ def test_report_shows_funnel_histograms_concepts_and_contact_sheets(run):
         assert np.asarray(sheet.convert("L")).std() > 20  # real thumbnails, not blank cells
     # the near-duplicate sheet shows each dropped row beside its representative
     assert "2 of 2 rows" in page
+
+
+def test_report_shows_missing_captions_per_source(tmp_path):
+    """A real ingest of a folder without a sidecar beside a captioned one: the report names the source."""
+    from pipeline.engine import score_run
+    from pipeline.ingest import ingest
+    from pipeline.scorers import build_chain
+
+    rng = np.random.default_rng(3)
+    bare, captioned = tmp_path / "bare", tmp_path / "captioned"
+    for folder, n in ((bare, 4), (captioned, 3)):
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i}.jpg").write_bytes(random_photo(rng, 96, 64))
+    (captioned / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.jpg", "text": "photo {i}"}}\n' for i in range(3)))
+    run_dir = tmp_path / "run"
+    ingest([bare, captioned], run_dir, workers=1)
+    score_run(run_dir, build_chain({"size": {}}), backend="local")
+    config = parse_config({"scorers": {}, "filters": {f.name: None for f in THRESHOLD_FILTERS}, "balance": {"target_size": None}})
+    run_select(run_dir, config)
+
+    assert captions_by_source(run_dir) == [(str(bare), 4, 4), (str(captioned), 3, 0)]
+    page = build_report(run_dir, config).read_text(encoding="utf-8")
+    assert "captions missing: 4 of 7 ingested rows have no caption" in page
+    assert f"<tr><td>{bare}</td><td class='n'>4</td><td class='n bad'>4</td><td>100.0%</td></tr>" in page
+    assert f"<tr><td>{captioned}</td><td class='n'>3</td><td class='n'>0</td><td>0.0%</td></tr>" in page
+
+
+def test_report_without_missing_captions_raises_no_alarm(run):
+    config = parse_config(CONFIG)
+    run_select(run.root, config)
+    page = build_report(run.root, config).read_text(encoding="utf-8")
+    assert "captions missing:" not in page and f"<tr><td>test</td><td class='n'>{N}</td><td class='n'>0</td>" in page
 
 
 def test_report_refuses_a_stale_selection(run):
