@@ -2,20 +2,22 @@
 python -m annotation <ab-pairs|ab-push|ab-status|ab-pull|ab-simulate> --criterion appeal|faithfulness|flaws ...
 
 Label Studio is found from LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or LABEL_STUDIO_USER_TOKEN) and
-LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (defaults: those of annotation/labelstudio/start.sh).
+LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (defaults: those of annotation/labelstudio/start.sh). Without a
+token, and for simulate/ab-simulate, dev mode is needed: NEEDLES_DEV=1 (the local stack's development
+token, scripted users with random passwords); never set it against a real server.
 
     push      pool -> tasks in the round's projects (idempotent)
     status    counts, remaining, per-annotator progress and gold flags (JSON); --wait blocks until done
     pull      annotations -> WORK/<round>/annotations.parquet, then decisions and the next pool
     export    a pool (the specialist round's next pool) -> curated Parquet + imagefolder
-    simulate  DEMO ONLY: scripted annotators answer the open tasks (see annotation/simulated.py)
+    simulate  DEV MODE ONLY: scripted annotators answer the open tasks (see annotation/simulated.py)
 
 The human A/B rounds of the evaluation stage (annotation/abtest.py; WORK is RUN/ab):
     ab-pairs     generation manifest -> WORK/<criterion>/pairs.parquet (comparisons, gold, swapped repeats)
     ab-push      pairs -> tasks in the criterion's projects (idempotent)
     ab-status    counts, remaining, per-annotator progress and gold flags (JSON); --wait blocks until done
     ab-pull      votes -> WORK/<criterion>/votes.parquet, then summary.json (both rules, gold, bias, kappa)
-    ab-simulate  DEMO ONLY: scripted voters prefer the sharper image
+    ab-simulate  DEV MODE ONLY: scripted voters prefer the sharper image
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {k: v for k, v in (("target_size", args.target_size), ("overlap", args.overlap)) if v}
     round_ = get_round(args.round, **overrides) if args.round else None
-    settings = LabelStudioSettings.from_env()
     try:
+        # export needs no server; the others need its address and token (LabelStudioConfigError without one)
+        settings = LabelStudioSettings.from_env() if args.command != "export" else None
         if args.command == "push":
             result = push_round(args.pool, round_, args.campaign, args.work, settings, gold=args.gold)
             print(json.dumps(asdict(result), indent=2))
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             print(export_curated(args.pool, args.out or curated_dir(args.work)))
         elif args.command == "simulate":
-            done = simulate_round(LabelStudioClient(settings), round_, args.campaign, args.annotators, args.keep_fraction)
+            with LabelStudioClient(settings) as admin:
+                done = simulate_round(admin, round_, args.campaign, args.annotators, args.keep_fraction)
             for name, count in done.items():
                 print(f"{name}: {count} tasks")
     except (LabelStudioError, AnnotationError, FileNotFoundError, TimeoutError) as error:
@@ -132,8 +136,8 @@ def _run_ab(args: argparse.Namespace) -> int:
             print(pull_ab(criterion, args.campaign, args.work, settings))
             print(summarise_ab(criterion, args.work).read_text())
         else:
-            done = simulate_ab(LabelStudioClient(settings), criterion, args.campaign, args.voters, args.noise,
-                               args.skip_rate)
+            with LabelStudioClient(settings) as admin:
+                done = simulate_ab(admin, criterion, args.campaign, args.voters, args.noise, args.skip_rate)
             for name, count in done.items():
                 print(f"{name}: {count['answered']} answered, {count['skipped']} skipped")
     except (LabelStudioError, AnnotationError, UserError, FileNotFoundError, TimeoutError) as error:

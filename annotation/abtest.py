@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -54,7 +54,7 @@ from annotation.abstats import (
     to_vote,
 )
 from annotation.agreement import GoldAccuracy, gold_accuracy, round_agreement
-from annotation.client import POOL_ID_KEY, LabelStudioClient, LabelStudioSettings, batched
+from annotation.client import POOL_ID_KEY, LabelStudioClient, LabelStudioSettings, batched, require_dev_mode
 from annotation.curation import (
     IMPORT_BATCH,
     MAX_TASKS_PER_PROJECT,
@@ -67,6 +67,7 @@ from annotation.curation import (
 from annotation.images import NoImage, original_image, write_once
 from annotation.layout import ABLayout
 from annotation.rounds import ROUNDS_DIR, AnnotationError, Control, answers_from_result, read_controls, result_from_answers
+from annotation.simulated import one_time_password, run_tag, scripted_user
 from pipeline.schema import DETAIL, ID, IMAGE_PATH, QUARANTINE_SCHEMA, REASON, SOURCE, SOURCE_KEY
 from pipeline.scorers.technical import TechnicalOptions, sharpness_and_contrast
 
@@ -432,40 +433,40 @@ def push_ab(
     if len(longest) > MAX_TITLE:
         raise AnnotationError(f"project title {longest!r} is {len(longest)} characters, over Label Studio's "
                               f"{MAX_TITLE}: use a campaign name of at most {len(campaign) - len(longest) + MAX_TITLE}")
-    client = LabelStudioClient(settings)
-    client.wait_until_up()
-    layout = ABLayout(work, criterion.name)
-    storage = image_dir(settings, campaign, criterion)
-    tasks, quarantine = [], []
-    for pair in sorted(pairs, key=lambda p: p[S.PAIR_ID]):
-        try:
-            tasks.append(_task(pair, criterion, storage, settings.document_root))
-        except NoImage as error:
-            quarantine.append({SOURCE: str(layout.pairs), SOURCE_KEY: pair[S.PAIR_ID], ID: pair[S.PAIR_ID],
-                               REASON: "no_image", DETAIL: str(error)})
-    pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), layout.push_quarantine)
-    if quarantine:
-        log.warning("%d pairs could not become tasks: see %s", len(quarantine), layout.push_quarantine)
-    if not tasks:
-        raise AnnotationError(f"{layout.pairs} gave no task (quarantined: {len(quarantine)})")
+    with LabelStudioClient(settings) as client:
+        client.wait_until_up()
+        layout = ABLayout(work, criterion.name)
+        storage = image_dir(settings, campaign, criterion)
+        tasks, quarantine = [], []
+        for pair in sorted(pairs, key=lambda p: p[S.PAIR_ID]):
+            try:
+                tasks.append(_task(pair, criterion, storage, settings.document_root))
+            except NoImage as error:
+                quarantine.append({SOURCE: str(layout.pairs), SOURCE_KEY: pair[S.PAIR_ID], ID: pair[S.PAIR_ID],
+                                   REASON: "no_image", DETAIL: str(error)})
+        pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), layout.push_quarantine)
+        if quarantine:
+            log.warning("%d pairs could not become tasks: see %s", len(quarantine), layout.push_quarantine)
+        if not tasks:
+            raise AnnotationError(f"{layout.pairs} gave no task (quarantined: {len(quarantine)})")
 
-    # What the server already holds: the idempotency check of the whole push.
-    known = set().union(*(client.pool_ids(pid) for pid in ab_projects(client, campaign, criterion).values()))
-    already = len(known)
-    project_ids, created = [], 0
-    n_projects = math.ceil(len(tasks) / max_tasks_per_project)
-    for part, start in enumerate(range(0, len(tasks), max_tasks_per_project)):
-        title = f"{project_prefix(campaign, criterion)}{part + 1}"
-        project_id = client.ensure_project(
-            title, criterion.label_config, criterion.guideline, criterion.votes_per_pair,
-            f"needles: A/B {criterion.name} round of campaign {campaign}, part {part + 1} of {n_projects}",
-        )
-        client.ensure_local_storage(project_id, storage)
-        project_ids.append(project_id)
-        for batch in batched(tasks[start : start + max_tasks_per_project], batch_size):
-            created += client.import_new_tasks(project_id, batch, known)
-        log.info("project %s (%d): %d tasks", title, project_id, min(max_tasks_per_project, len(tasks) - start))
-    return ABPushResult(project_ids, len(tasks), created, already, len(quarantine))
+        # What the server already holds: the idempotency check of the whole push.
+        known = set().union(*(client.pool_ids(pid) for pid in ab_projects(client, campaign, criterion).values()))
+        already = len(known)
+        project_ids, created = [], 0
+        n_projects = math.ceil(len(tasks) / max_tasks_per_project)
+        for part, start in enumerate(range(0, len(tasks), max_tasks_per_project)):
+            title = f"{project_prefix(campaign, criterion)}{part + 1}"
+            project_id = client.ensure_project(
+                title, criterion.label_config, criterion.guideline, criterion.votes_per_pair,
+                f"needles: A/B {criterion.name} round of campaign {campaign}, part {part + 1} of {n_projects}",
+            )
+            client.ensure_local_storage(project_id, storage)
+            project_ids.append(project_id)
+            for batch in batched(tasks[start : start + max_tasks_per_project], batch_size):
+                created += client.import_new_tasks(project_id, batch, known)
+            log.info("project %s (%d): %d tasks", title, project_id, min(max_tasks_per_project, len(tasks) - start))
+        return ABPushResult(project_ids, len(tasks), created, already, len(quarantine))
 
 
 # -- status ---------------------------------------------------------------------------------------------
@@ -475,7 +476,13 @@ def ab_status(
     """Counts from Label Studio's project counters (a pair is finished with ``votes_per_pair`` votes; a
     skip does not count, so Label Studio gives the pair to someone else); with ``work``, also per
     annotator (votes, skips, gold accuracy and flag) from the annotations."""
-    client = LabelStudioClient(settings)
+    with LabelStudioClient(settings) as client:
+        return client_ab_status(client, criterion, campaign, work)
+
+
+def client_ab_status(client: LabelStudioClient, criterion: Criterion, campaign: str,
+                     work: Path | None = None) -> RoundStatus:
+    """``ab_status`` through an open client (a waiter polls with one client)."""
     projects = ab_projects(client, campaign, criterion)
     status = counted_status(client, criterion.round_name, campaign, projects)
     if work is not None:
@@ -489,11 +496,12 @@ def wait_for_ab(criterion: Criterion, campaign: str, settings: LabelStudioSettin
                 poll_s: float = 10.0) -> RoundStatus:
     """Block, polling Label Studio's counters, until every pair has its votes (the flows use the relay)."""
     deadline = time.monotonic() + timeout_s
-    while not (status := ab_status(criterion, campaign, settings)).complete:
-        if time.monotonic() + poll_s > deadline:
-            raise TimeoutError(f"A/B {criterion.name!r} of {campaign!r} not complete after {timeout_s:.0f}s: "
-                               f"{status.remaining} of {status.tasks} pairs remaining")
-        time.sleep(poll_s)
+    with LabelStudioClient(settings) as client:
+        while not (status := client_ab_status(client, criterion, campaign)).complete:
+            if time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"A/B {criterion.name!r} of {campaign!r} not complete after {timeout_s:.0f}s: "
+                                   f"{status.remaining} of {status.tasks} pairs remaining")
+            time.sleep(poll_s)
     return status
 
 
@@ -550,12 +558,12 @@ def pull_ab(criterion: Criterion, campaign: str, work: Path, settings: LabelStud
     pulled = annotations made, skips included), with an exclusion reason where it cannot count. Annotators
     flagged on gold (accuracy below ``min_gold_accuracy``) have their other votes excluded with the
     reason ``annotator_failed_gold``."""
-    client = LabelStudioClient(settings)
-    projects = ab_projects(client, campaign, criterion)
-    if not projects:
-        raise AnnotationError(f"no Label Studio project for A/B {criterion.name!r} of campaign {campaign!r}")
-    pairs = read_pairs(work, criterion)
-    rows = _vote_rows(client, criterion, projects.values(), pairs)
+    with LabelStudioClient(settings) as client:
+        projects = ab_projects(client, campaign, criterion)
+        if not projects:
+            raise AnnotationError(f"no Label Studio project for A/B {criterion.name!r} of campaign {campaign!r}")
+        pairs = read_pairs(work, criterion)
+        rows = _vote_rows(client, criterion, projects.values(), pairs)
     flagged = {name for name, acc in _gold_accuracy(rows, pairs, criterion).items() if acc.flagged}
     for row in rows:
         if row[S.ANNOTATOR] in flagged and row[S.EXCLUSION_REASON] is None and row[S.KIND] != "gold":
@@ -640,15 +648,17 @@ class SharpnessVoter:
     """DEMO/TEST ONLY: a real Label Studio user (signed up through the invite link, with its own token) that
     works through the criterion's labeling stream as the UI does (``/next``, then submit). It downloads the
     task's two images through Label Studio and prefers the sharper (variance of the Laplacian, the
-    pipeline's technical scorer); a tie when the two are within ``tolerance`` of each other."""
+    pipeline's technical scorer); a tie when the two are within ``tolerance`` of each other. Created only in
+    dev mode (NEEDLES_DEV=1; annotation.simulated.scripted_user)."""
 
     email: str
-    password: str
+    password: str = field(repr=False)
     tolerance: float = 0.1  # relative: |s_left - s_right| <= tolerance * max(s_left, s_right) is a tie
     contrarian: bool = False  # prefers the blurrier image: fails damaged gold (tests of flagging)
     noise: float = 0.0  # share of decisive votes flipped to the other side, by a hash of voter and pair
     skip_rate: float = 0.0  # share of tasks skipped, by a hash of voter and pair
     lead_time_s: float = 2.0  # recorded as the annotation's lead time
+    hash_key: str | None = None  # keys the noise and skip hashes (default: the email)
 
     def side(self, left: bytes, right: bytes, pair_id: str) -> Side:
         size = TechnicalOptions().analysis_size
@@ -656,28 +666,28 @@ class SharpnessVoter:
         if abs(s_left - s_right) <= self.tolerance * max(s_left, s_right):
             return "tie"
         sharper = "left" if s_left > s_right else "right"
-        flip = self.contrarian != (_unit(self.email, pair_id, "noise") < self.noise)
+        flip = self.contrarian != (_unit(self.hash_key or self.email, pair_id, "noise") < self.noise)
         return ("right" if sharper == "left" else "left") if flip else sharper
 
     def vote(self, admin: LabelStudioClient, criterion: Criterion, campaign: str, limit: int | None = None) -> Counter:
         """Vote on open pairs of the criterion (at most ``limit``) as this user; returns how many were
         answered and skipped."""
-        me = admin.as_user(admin.ensure_annotator(self.email, self.password))
         done: Counter = Counter()
-        for project_id in ab_projects(admin, campaign, criterion).values():
-            while limit is None or done.total() < limit:
-                task = me.next_task(project_id)
-                if task is None:
-                    break
-                pair_id = task["data"][POOL_ID_KEY]
-                if _unit(self.email, pair_id, "skip") < self.skip_rate:
-                    me.submit_annotation(task["id"], [], self.lead_time_s, skipped=True)
-                    done["skipped"] += 1
-                    continue
-                left, right = (_download(me, task["data"][f"image_{side}"]) for side in ("left", "right"))
-                choice = criterion.choice_for(self.side(left, right, pair_id))
-                me.submit_annotation(task["id"], criterion.result_for(choice), self.lead_time_s)
-                done["answered"] += 1
+        with scripted_user(admin, self.email, self.password) as me:
+            for project_id in ab_projects(admin, campaign, criterion).values():
+                while limit is None or done.total() < limit:
+                    task = me.next_task(project_id)
+                    if task is None:
+                        break
+                    pair_id = task["data"][POOL_ID_KEY]
+                    if _unit(self.hash_key or self.email, pair_id, "skip") < self.skip_rate:
+                        me.submit_annotation(task["id"], [], self.lead_time_s, skipped=True)
+                        done["skipped"] += 1
+                        continue
+                    left, right = (_download(me, task["data"][f"image_{side}"]) for side in ("left", "right"))
+                    choice = criterion.choice_for(self.side(left, right, pair_id))
+                    me.submit_annotation(task["id"], criterion.result_for(choice), self.lead_time_s)
+                    done["answered"] += 1
         return done
 
 
@@ -691,11 +701,15 @@ def _download(client: LabelStudioClient, url: str) -> bytes:
 
 def simulate_ab(admin: LabelStudioClient, criterion: Criterion, campaign: str, voters: int,
                 noise: float = 0.0, skip_rate: float = 0.0) -> dict[str, Counter]:
-    """DEMO/TEST MODE: ``voters`` scripted users (ab-voter-N@needles.local) vote on every open pair by
-    sharpness; returns how many pairs each answered and skipped."""
+    """DEV MODE ONLY (NEEDLES_DEV=1): ``voters`` new scripted users (ab-voter-N-<random tag>@needles.local, random
+    passwords) vote on every open pair by sharpness (noise and skips keyed on ab-voter-N@needles.local, so they
+    do not depend on the tag); returns how many pairs each answered and skipped."""
+    require_dev_mode("annotator_mode=simulated (scripted voters)")
+    tag = run_tag()
     done = {}
     for i in range(voters):
-        voter = SharpnessVoter(f"ab-voter-{i + 1}@needles.local", f"ab-voter-password-{i + 1}",
-                               noise=noise, skip_rate=skip_rate)
+        name = f"ab-voter-{i + 1}"
+        voter = SharpnessVoter(f"{name}-{tag}@needles.local", one_time_password(), noise=noise, skip_rate=skip_rate,
+                               hash_key=f"{name}@needles.local")
         done[voter.email] = voter.vote(admin, criterion, campaign)
     return done

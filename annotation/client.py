@@ -4,7 +4,8 @@ Faults are turned into three errors a caller can act on:
 
 - ``LabelStudioUnavailable``: unreachable or restarting after retrying with exponential backoff;
 - ``LabelStudioAuthError``: the token was rejected (wrong token, or a user without access);
-- ``LabelStudioError``: anything else the server refused, with its answer.
+- ``LabelStudioError``: anything else the server refused, with its answer (and ``LabelStudioConfigError``:
+  the environment does not say how to reach the server).
 
 Calls that create things (projects, task imports, annotations) are never blindly re-sent: after a
 dropped connection the client looks at what the server already has before trying again, so a push that
@@ -19,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Self, TypeVar
 
 import httpx
 from label_studio_sdk import LabelStudio
@@ -47,6 +48,30 @@ class LabelStudioAuthError(LabelStudioError):
     """Label Studio rejected the token (HTTP 401/403)."""
 
 
+class LabelStudioConfigError(LabelStudioError):
+    """The environment lacks what is needed (an API token), or asks for a demo-only feature outside dev mode."""
+
+
+#: Set to 1 by the local development stack (``make up``/``make demo``) and the tests: it allows the built-in
+#: development API token and the simulated annotators, which must never exist on a real server.
+DEV_MODE_VAR = "NEEDLES_DEV"
+#: annotation/labelstudio/start.sh's default admin token: used only in dev mode, when no token is set.
+DEV_API_TOKEN = "needles-dev-token-0123456789abcdef"
+
+
+def dev_mode() -> bool:
+    """True when NEEDLES_DEV is set to 1 (or true/yes/on)."""
+    return os.environ.get(DEV_MODE_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_dev_mode(what: str) -> None:
+    """Raise ``LabelStudioConfigError`` naming NEEDLES_DEV unless dev mode is on."""
+    if not dev_mode():
+        raise LabelStudioConfigError(
+            f"{what} is for demos and tests only: set {DEV_MODE_VAR}=1 to allow it (the local stack does)"
+        )
+
+
 @dataclass(frozen=True)
 class LabelStudioSettings:
     """Where Label Studio is and how to reach its files.
@@ -64,14 +89,26 @@ class LabelStudioSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> LabelStudioSettings:
-        """LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or the admin's LABEL_STUDIO_USER_TOKEN),
-        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and LABEL_STUDIO_RETRY_BUDGET_S (seconds of retrying an
-        unreachable server), with the defaults of annotation/labelstudio/start.sh."""
-        api_key = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_USER_TOKEN")
+        """LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (or the admin's LABEL_STUDIO_USER_TOKEN, as
+        annotation/labelstudio/start.sh names it), LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and
+        LABEL_STUDIO_RETRY_BUDGET_S (seconds of retrying an unreachable server), with the defaults of
+        start.sh. Without a token the development token is used only in dev mode (NEEDLES_DEV=1);
+        otherwise ``LabelStudioConfigError`` names the variable to set."""
+        api_key = overrides.get("api_key") or os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get(
+            "LABEL_STUDIO_USER_TOKEN"
+        )
+        if not api_key:
+            if not dev_mode():
+                raise LabelStudioConfigError(
+                    "LABEL_STUDIO_API_KEY is not set: set it to the Label Studio API token of the admin user "
+                    f"(Account & Settings > Access Token), or {DEV_MODE_VAR}=1 for the local development stack"
+                )
+            log.info("no LABEL_STUDIO_API_KEY: dev mode (%s=1) uses the local stack's development token", DEV_MODE_VAR)
+            api_key = DEV_API_TOKEN
         values: dict[str, Any] = {
             "url": os.environ.get("LABEL_STUDIO_URL", "http://127.0.0.1:8080"),
             "retry_budget_s": float(os.environ.get("LABEL_STUDIO_RETRY_BUDGET_S", cls.retry_budget_s)),
-            "api_key": api_key or "needles-dev-token-0123456789abcdef",
+            "api_key": api_key,
             "document_root": Path(
                 os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "data/labelstudio-files")
             ).resolve(),
@@ -116,14 +153,21 @@ def _is_transient(error: Exception) -> bool:
 
 
 class LabelStudioClient:
-    """One Label Studio user (admin or annotator) talking to one server."""
+    """One Label Studio user (admin or annotator) talking to one server.
+
+    It holds two connection pools (the SDK's and its own): use it as a context manager, or call
+    ``close()``, so that no connection outlives the work (the relay makes one client per poll).
+    """
 
     def __init__(self, settings: LabelStudioSettings) -> None:
         self.settings = settings
         self.url = settings.url.rstrip("/")
+        # The SDK's connection pool is ours (passed in) so that close() can close it.
+        self.sdk_http = httpx.Client(timeout=settings.timeout_s, follow_redirects=True)
         # Our own retry loop (below) handles 5xx and dropped connections with a time budget.
         self.sdk = LabelStudio(
-            base_url=self.url, api_key=settings.api_key, timeout=settings.timeout_s, max_retries=0
+            base_url=self.url, api_key=settings.api_key, timeout=settings.timeout_s, max_retries=0,
+            httpx_client=self.sdk_http,
         )
         # For the endpoints the SDK does not wrap (the labeling stream's /next).
         self.http = httpx.Client(
@@ -132,8 +176,24 @@ class LabelStudioClient:
             headers={"Authorization": f"Token {settings.api_key}"},
         )
 
+    def close(self) -> None:
+        """Close both connection pools (idempotent)."""
+        self.http.close()
+        self.sdk_http.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.http.is_closed and self.sdk_http.is_closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def as_user(self, api_key: str) -> LabelStudioClient:
-        """A client for another user of the same server (an annotator with their own token)."""
+        """A client for another user of the same server (an annotator with their own token); the caller
+        closes it (``with admin.as_user(token) as me: ...``)."""
         return LabelStudioClient(
             LabelStudioSettings(
                 url=self.url,
@@ -385,15 +445,28 @@ class LabelStudioClient:
 
     # -- webhooks -----------------------------------------------------------------------------------------
     def create_webhook(self, project_id: int, url: str) -> int:
-        hook = self._call(
-            "registering a webhook",
-            self.sdk.webhooks.create,
-            url=url,
-            project=project_id,
-            send_payload=False,
-            send_for_all_actions=False,
-            actions=["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"],
-        )
+        """Ask Label Studio to call ``url`` at each annotation of the project. With SSRF protection on (as it
+        should be) it refuses loopback and private addresses: the error then says so."""
+        try:
+            hook = self._call(
+                f"registering a webhook to {url}",
+                self.sdk.webhooks.create,
+                url=url,
+                project=project_id,
+                send_payload=False,
+                send_for_all_actions=False,
+                actions=["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"],
+            )
+        except LabelStudioError as error:
+            answer = error.__cause__
+            # Label Studio answers a URL its SSRF checks refuse with 403; 401 is a token it does not know.
+            if isinstance(error, LabelStudioUnavailable) or getattr(answer, "status_code", None) == 401:
+                raise
+            raise LabelStudioError(
+                f"Label Studio at {self.url} refused a webhook to {url} (HTTP {getattr(answer, 'status_code', '?')}: "
+                f"{getattr(answer, 'body', error)}); its SSRF protection refuses webhooks to loopback and private "
+                "addresses: wait by polling (the default) or give a receiver address the server may reach"
+            ) from error
         return hook.id
 
     def delete_webhook(self, webhook_id: int) -> None:

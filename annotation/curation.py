@@ -2,7 +2,7 @@
 
     push_round(pool, round, ...)    -> PushResult (Label Studio project ids)
     round_status(round, ...)        -> RoundStatus (counts, remaining, complete, per-annotator, gold flags)
-    wait_for_round(round, ...)      -> RoundStatus once every task has its overlap (webhook + polling)
+    wait_for_round(round, ...)      -> RoundStatus once every task has its overlap (polling; webhook opt-in)
     pull_round(round, ...)          -> path of the annotations table
     decide_round(round, pool, ...)  -> path of the next round's pool
 """
@@ -174,64 +174,64 @@ def push_round(
     a push (complete or interrupted) only adds what is missing.
     """
     _check_campaign(campaign)
-    client = LabelStudioClient(settings)
-    client.wait_until_up()
-    layout = RoundLayout(work, round_.name)
-    storage = image_dir(settings, campaign, round_)
-    quarantine: list[dict] = []
-    seen: set[str] = set()
-    gold_answers = read_gold(gold)
-    gold_tasks = _tasks_from(gold, round_, storage, settings.document_root, quarantine, seen) if gold else []
-    for g in gold_tasks:
-        if g["data"][POOL_ID_KEY] not in gold_answers or gold_answers[g["data"][POOL_ID_KEY]] is None:
-            raise AnnotationError(f"gold task {g['data'][POOL_ID_KEY]} has no {S.GOLD_ANSWER}")
-    tasks = sorted(
-        _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen, set(gold_answers)),
-        key=lambda t: t["data"][POOL_ID_KEY],
-    )
-    layout.root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), layout.push_quarantine)
-    if quarantine:
-        log.warning("%d pool rows could not become tasks: see %s", len(quarantine), layout.push_quarantine)
-    if not tasks:
-        raise AnnotationError(f"pool {pool} gave no task (quarantined: {len(quarantine)})")
-
-    capacity = max_tasks_per_project - len(gold_tasks)
-    if capacity <= 0:
-        raise AnnotationError(f"{len(gold_tasks)} gold tasks leave no room in projects of {max_tasks_per_project}")
-    n_projects = math.ceil(len(tasks) / capacity)
-    # What the server already holds, per project: the idempotency check of the whole push.
-    held = {pid: set(client.pool_ids(pid)) for pid in round_projects(client, campaign, round_).values()}
-    gold_ids = set(gold_answers)
-    known = set().union(*held.values()) - gold_ids
-    already = sum(len(ids) for ids in held.values())
-
-    project_ids, created = [], 0
-    for part, start in enumerate(range(0, len(tasks), capacity)):
-        title = f"{project_prefix(campaign, round_)}{part + 1}"
-        project_id = client.ensure_project(
-            title,
-            round_.label_config,
-            round_.guideline,
-            round_.overlap,
-            f"needles: {round_.name} round of campaign {campaign}, part {part + 1} of {n_projects}",
+    with LabelStudioClient(settings) as client:
+        client.wait_until_up()
+        layout = RoundLayout(work, round_.name)
+        storage = image_dir(settings, campaign, round_)
+        quarantine: list[dict] = []
+        seen: set[str] = set()
+        gold_answers = read_gold(gold)
+        gold_tasks = _tasks_from(gold, round_, storage, settings.document_root, quarantine, seen) if gold else []
+        for g in gold_tasks:
+            if g["data"][POOL_ID_KEY] not in gold_answers or gold_answers[g["data"][POOL_ID_KEY]] is None:
+                raise AnnotationError(f"gold task {g['data'][POOL_ID_KEY]} has no {S.GOLD_ANSWER}")
+        tasks = sorted(
+            _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen, set(gold_answers)),
+            key=lambda t: t["data"][POOL_ID_KEY],
         )
-        client.ensure_local_storage(project_id, storage)
-        project_ids.append(project_id)
-        chunk = _with_gold_and_preload(tasks[start : start + capacity], gold_tasks, round_.preload_next)
-        # Gold tasks repeat in every project, so which gold a project holds is looked up per project.
-        project_known = known | held.get(project_id, set())
-        for batch in batched(chunk, batch_size):
-            created += client.import_new_tasks(project_id, batch, project_known)
-        log.info("project %s (%d): %d tasks", title, project_id, len(chunk))
-    return PushResult(
-        project_ids=project_ids,
-        tasks=len(tasks) + len(gold_tasks) * n_projects,
-        created=created,
-        already_present=already,
-        gold_per_project=len(gold_tasks),
-        quarantined=len(quarantine),
-    )
+        layout.root.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), layout.push_quarantine)
+        if quarantine:
+            log.warning("%d pool rows could not become tasks: see %s", len(quarantine), layout.push_quarantine)
+        if not tasks:
+            raise AnnotationError(f"pool {pool} gave no task (quarantined: {len(quarantine)})")
+
+        capacity = max_tasks_per_project - len(gold_tasks)
+        if capacity <= 0:
+            raise AnnotationError(f"{len(gold_tasks)} gold tasks leave no room in projects of {max_tasks_per_project}")
+        n_projects = math.ceil(len(tasks) / capacity)
+        # What the server already holds, per project: the idempotency check of the whole push.
+        held = {pid: set(client.pool_ids(pid)) for pid in round_projects(client, campaign, round_).values()}
+        gold_ids = set(gold_answers)
+        known = set().union(*held.values()) - gold_ids
+        already = sum(len(ids) for ids in held.values())
+
+        project_ids, created = [], 0
+        for part, start in enumerate(range(0, len(tasks), capacity)):
+            title = f"{project_prefix(campaign, round_)}{part + 1}"
+            project_id = client.ensure_project(
+                title,
+                round_.label_config,
+                round_.guideline,
+                round_.overlap,
+                f"needles: {round_.name} round of campaign {campaign}, part {part + 1} of {n_projects}",
+            )
+            client.ensure_local_storage(project_id, storage)
+            project_ids.append(project_id)
+            chunk = _with_gold_and_preload(tasks[start : start + capacity], gold_tasks, round_.preload_next)
+            # Gold tasks repeat in every project, so which gold a project holds is looked up per project.
+            project_known = known | held.get(project_id, set())
+            for batch in batched(chunk, batch_size):
+                created += client.import_new_tasks(project_id, batch, project_known)
+            log.info("project %s (%d): %d tasks", title, project_id, len(chunk))
+        return PushResult(
+            project_ids=project_ids,
+            tasks=len(tasks) + len(gold_tasks) * n_projects,
+            created=created,
+            already_present=already,
+            gold_per_project=len(gold_tasks),
+            quarantined=len(quarantine),
+        )
 
 
 # -- status ---------------------------------------------------------------------------------------------
@@ -307,7 +307,14 @@ def round_status(
     per_annotator: bool = True,
 ) -> RoundStatus:
     """Counts from Label Studio's project counters; per annotator (and gold flags) from the annotations."""
-    client = LabelStudioClient(settings)
+    with LabelStudioClient(settings) as client:
+        return client_round_status(client, round_, campaign, gold, per_annotator)
+
+
+def client_round_status(
+    client: LabelStudioClient, round_: Round, campaign: str, gold: Path | None = None, per_annotator: bool = True
+) -> RoundStatus:
+    """``round_status`` through an open client (a waiter polls with one client)."""
     projects = round_projects(client, campaign, round_)
     status = counted_status(client, round_.name, campaign, projects)
     if per_annotator:
@@ -323,41 +330,49 @@ def wait_for_round(
     settings: LabelStudioSettings,
     timeout_s: float,
     poll_s: float = 30.0,
-    webhook: bool = True,
+    webhook: bool = False,
+    webhook_bind: tuple[str, int] = ("127.0.0.1", 0),
+    webhook_url: str | None = None,
 ) -> RoundStatus:
-    """Block until every task of the round has its overlap of annotations.
+    """Block until every task of the round has its overlap of annotations, reading Label Studio's counters
+    every ``poll_s`` seconds (raises ``TimeoutError`` after ``timeout_s``).
 
-    With ``webhook``, Label Studio notifies a receiver on 127.0.0.1 at each annotation, so completion is
-    seen at once; polling every ``poll_s`` still runs in case a notification is lost.
+    Polling is the default and needs nothing from the server. ``webhook=True`` is an opt-in that also wakes
+    the waiter at each annotation: a receiver listens on ``webhook_bind`` (host, port; port 0: any free one)
+    and Label Studio is told to call it at ``webhook_url`` (default: the receiver's own address). Label
+    Studio's SSRF protection (on, as it should be) refuses webhooks to loopback and private addresses, so
+    opt in only with a receiver address the server is allowed to reach; a refused registration is a
+    ``LabelStudioError`` saying so. Polling continues with a webhook too: webhooks carry no guarantee of
+    delivery.
     """
-    client = LabelStudioClient(settings)
     deadline = time.monotonic() + timeout_s
-    projects = list(round_projects(client, campaign, round_).values())
-    receiver = WebhookReceiver() if webhook else None
+    receiver: WebhookReceiver | None = None
     hooks: list[int] = []
-    try:
-        if receiver is not None:
-            receiver.start()
-            hooks = [client.create_webhook(pid, receiver.url) for pid in projects]
-        while True:
-            status = round_status(round_, campaign, settings, per_annotator=False)
-            if status.complete:
-                return status
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"round {round_.name!r} of {campaign!r} not complete after {timeout_s:.0f}s: "
-                    f"{status.remaining} of {status.tasks} tasks remaining"
-                )
+    with LabelStudioClient(settings) as client:
+        try:
+            if webhook:
+                receiver = WebhookReceiver(*webhook_bind, public_url=webhook_url).start()
+                for project_id in round_projects(client, campaign, round_).values():
+                    hooks.append(client.create_webhook(project_id, receiver.url))
+            while True:
+                status = client_round_status(client, round_, campaign, per_annotator=False)
+                if status.complete:
+                    return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"round {round_.name!r} of {campaign!r} not complete after {timeout_s:.0f}s: "
+                        f"{status.remaining} of {status.tasks} tasks remaining"
+                    )
+                if receiver is not None:
+                    receiver.wait(min(poll_s, left))
+                else:
+                    time.sleep(min(poll_s, left))
+        finally:
+            for hook in hooks:
+                client.delete_webhook(hook)
             if receiver is not None:
-                receiver.wait(min(poll_s, left))
-            else:
-                time.sleep(min(poll_s, left))
-    finally:
-        for hook in hooks:
-            client.delete_webhook(hook)
-        if receiver is not None:
-            receiver.stop()
+                receiver.stop()
 
 
 # -- pull -----------------------------------------------------------------------------------------------
@@ -433,12 +448,12 @@ def pull_round(
     Annotators flagged on gold (below ``min_gold_accuracy``) have their other answers excluded with the
     reason ``annotator_failed_gold`` when the round says so.
     """
-    client = LabelStudioClient(settings)
-    projects = round_projects(client, campaign, round_)
-    if not projects:
-        raise AnnotationError(f"no Label Studio project for round {round_.name!r} of campaign {campaign!r}")
-    gold_answers = read_gold(gold)
-    rows = _annotation_rows(client, round_, projects.values(), gold_answers)
+    with LabelStudioClient(settings) as client:
+        projects = round_projects(client, campaign, round_)
+        if not projects:
+            raise AnnotationError(f"no Label Studio project for round {round_.name!r} of campaign {campaign!r}")
+        gold_answers = read_gold(gold)
+        rows = _annotation_rows(client, round_, projects.values(), gold_answers)
     accuracy = _gold_accuracy(rows, gold_answers, round_)
     flagged = {name for name, acc in accuracy.items() if acc.flagged}
     if flagged and round_.exclude_flagged_annotators:

@@ -5,15 +5,20 @@ token) that works through a round's labeling stream exactly as the UI does (``/n
 answers by a fixed rule instead of judgement: from a score column of the pool, or from a deterministic
 hash of its name and the pool id. It lets the flows run end to end, and tests check what the system makes
 of two annotators who agree, disagree, skip or fail gold.
+
+Such users join the organisation, so they are created only in dev mode (NEEDLES_DEV=1, set by the local
+stack and the tests), and ``simulate_round`` gives each a fresh address and a random password per call
+(never printed, never stored): nobody can log in as a simulated annotator later.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from annotation.client import POOL_ID_KEY, LabelStudioClient
+from annotation.client import POOL_ID_KEY, LabelStudioClient, require_dev_mode
 from annotation.curation import round_projects
 from annotation.rounds import Round
 
@@ -55,10 +60,27 @@ def hash_rule(round_: Round, annotator: str, keep_fraction: float) -> Rule:
     return rule
 
 
+def scripted_user(admin: LabelStudioClient, email: str, password: str) -> LabelStudioClient:
+    """A client acting as the scripted user ``email`` (signed up on first use); dev mode only. The caller
+    closes it."""
+    require_dev_mode(f"creating the simulated annotator {email!r}")
+    return admin.as_user(admin.ensure_annotator(email, password))
+
+
+def one_time_password() -> str:
+    """A random password for a scripted user of one run (Python's secrets module)."""
+    return secrets.token_urlsafe(24)
+
+
+def run_tag() -> str:
+    """A short random tag that makes one run's scripted users new users (their passwords differ per run)."""
+    return secrets.token_hex(3)
+
+
 @dataclass
 class SimulatedAnnotator:
     email: str
-    password: str
+    password: str = field(repr=False)
     rule: Rule
     lead_time_s: float = 3.0  # recorded as the annotation's lead time
 
@@ -66,29 +88,34 @@ class SimulatedAnnotator:
         self, admin: LabelStudioClient, round_: Round, campaign: str, limit: int | None = None
     ) -> int:
         """Answer open tasks of the round (at most ``limit``) as this user; returns how many."""
-        me = admin.as_user(admin.ensure_annotator(self.email, self.password))
         done = 0
-        for project_id in round_projects(admin, campaign, round_).values():
-            while limit is None or done < limit:
-                task = me.next_task(project_id)
-                if task is None:
-                    break
-                answers = self.rule(task["data"])
-                if answers is None:
-                    me.submit_annotation(task["id"], [], self.lead_time_s, skipped=True)
-                else:
-                    me.submit_annotation(task["id"], round_.result_from_answers(answers), self.lead_time_s)
-                done += 1
+        with scripted_user(admin, self.email, self.password) as me:
+            for project_id in round_projects(admin, campaign, round_).values():
+                while limit is None or done < limit:
+                    task = me.next_task(project_id)
+                    if task is None:
+                        break
+                    answers = self.rule(task["data"])
+                    if answers is None:
+                        me.submit_annotation(task["id"], [], self.lead_time_s, skipped=True)
+                    else:
+                        me.submit_annotation(task["id"], round_.result_from_answers(answers), self.lead_time_s)
+                    done += 1
         return done
 
 
 def simulate_round(admin: LabelStudioClient, round_: Round, campaign: str, annotators: int,
                    keep_fraction: float) -> dict[str, int]:
-    """DEMO/TEST MODE: ``annotators`` scripted users (simulated-N@needles.local) answer every open task of
-    the round by ``hash_rule``; returns how many tasks each answered."""
+    """DEV MODE ONLY (NEEDLES_DEV=1): ``annotators`` new scripted users (simulated-N-<random tag>@needles.local,
+    random passwords) answer every open task of the round by ``hash_rule`` (keyed on simulated-N@needles.local,
+    so their answers do not depend on the tag); returns how many tasks each answered."""
+    require_dev_mode("annotator_mode=simulated (scripted annotators)")
+    tag = run_tag()
     done = {}
     for i in range(annotators):
-        email = f"simulated-{i + 1}@needles.local"
-        annotator = SimulatedAnnotator(email, f"simulated-password-{i + 1}", hash_rule(round_, email, keep_fraction))
+        name = f"simulated-{i + 1}"
+        email = f"{name}-{tag}@needles.local"
+        rule = hash_rule(round_, f"{name}@needles.local", keep_fraction)
+        annotator = SimulatedAnnotator(email, one_time_password(), rule)
         done[email] = annotator.annotate(admin, round_, campaign)
     return done

@@ -15,6 +15,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from annotation.client import DEV_MODE_VAR
 from annotation.schema import GOLD_ANSWER
 from pipeline import schema
 
@@ -24,6 +25,19 @@ POOL_PHOTOS = [
     "coins", "hubble_deep_field", "immunohistochemistry", "colorwheel", "page", "text",
 ]
 GOLD_PHOTOS = {"brick": "reject", "grass": "keep"}
+
+
+@pytest.fixture
+def dev_mode(monkeypatch):
+    """NEEDLES_DEV=1 for one test: scripted annotators may join the test server's organisation."""
+    monkeypatch.setenv(DEV_MODE_VAR, "1")
+
+
+@pytest.fixture
+def no_dev_mode(monkeypatch):
+    """As on a real server: no dev mode and no Label Studio token in the environment."""
+    for name in (DEV_MODE_VAR, "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_USER_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _photo(name: str) -> bytes:

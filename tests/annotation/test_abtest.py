@@ -248,7 +248,7 @@ def test_summary_of_hand_written_votes(generate_dir, tmp_path):
 
 
 # -- a whole round in the real Label Studio ----------------------------------------------------------------
-def test_appeal_round_with_simulated_voters(labelstudio, generate_dir, tmp_path):
+def test_appeal_round_with_simulated_voters(labelstudio, generate_dir, tmp_path, dev_mode):
     settings = labelstudio.settings()
     admin = LabelStudioClient(settings)
     appeal = get_criterion("appeal", votes_per_pair=3)

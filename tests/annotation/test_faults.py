@@ -31,7 +31,7 @@ def test_repush_and_interrupted_push_create_no_duplicate(labelstudio, photo_pool
     assert round_status(generalist, "repush", settings, per_annotator=False).tasks == 12
 
 
-def test_restart_mid_round_loses_nothing(labelstudio, photo_pool, tmp_path):
+def test_restart_mid_round_loses_nothing(labelstudio, photo_pool, tmp_path, dev_mode):
     settings = labelstudio.settings()
     admin = LabelStudioClient(settings)
     generalist = get_round("generalist")
@@ -66,7 +66,8 @@ def test_wrong_token_is_one_clear_error(labelstudio):
         client.whoami()
 
 
-def test_gold_failing_annotator_is_flagged_and_bad_answers_excluded(labelstudio, photo_pool, gold_table, tmp_path):
+def test_gold_failing_annotator_is_flagged_and_bad_answers_excluded(labelstudio, photo_pool, gold_table, tmp_path,
+                                                                    dev_mode):
     settings = labelstudio.settings()
     admin = LabelStudioClient(settings)
     specialist = get_round("specialist", overlap=3)  # a third annotator's answer still counts

@@ -35,7 +35,7 @@ def gold_then(rule):
     return answer
 
 
-def test_generalist_then_specialist_then_export(labelstudio, photo_pool, gold_table, tmp_path):
+def test_generalist_then_specialist_then_export(labelstudio, photo_pool, gold_table, tmp_path, dev_mode):
     settings = labelstudio.settings()
     admin = LabelStudioClient(settings)
     work = tmp_path / "work"
