@@ -188,3 +188,73 @@ def test_gpu_actors_ask_for_their_decode_threads_share_scarce_gpus_and_leave_cpu
     assert _pool_size("clip", shared, {"CPU": 16, "GPU": 1}) == 3
     ocr = build_scorer("ocr", {"device": "cpu"})
     assert _actor_resources(ocr, {"CPU": 2}, gpu_stages=0) == ocr.resources
+
+
+class SlowOptions(ScorerOptions):
+    seconds: float = 0.3  # per batch
+
+
+class SlowScorer(Scorer):
+    """A stateless scorer that takes its time (the chain a crash interrupts)."""
+
+    name = "slow"
+    input_columns = (schema.WIDTH,)
+    output_fields = (pa.field("width_plus_one", pa.int64()),)
+    resources = Resources(num_cpus=0.5, batch_size=5)
+    Options = SlowOptions
+
+    def score(self, batch):
+        import time
+
+        time.sleep(self.options.seconds)
+        return {"width_plus_one": pc.add(pc.cast(batch.column(schema.WIDTH), pa.int64()), 1)}
+
+
+SCORE_IN_A_SUBPROCESS = """
+import sys
+from pipeline.engine import score_run
+from pipeline.scorers import build_chain
+from tests.pipeline.test_engine import SlowOptions, SlowScorer
+score_run(sys.argv[1], build_chain({"size": {}}) + [SlowScorer(SlowOptions())], backend="ray")
+"""
+
+
+def test_a_killed_scoring_keeps_its_committed_shards_and_the_rerun_ends_identical(tmp_path, local_ray):
+    """Shards are committed as they complete: SIGKILL the scoring process (its local Ray with it) once
+    some shards are on disk; those survive, the rerun scores only the rest, and the result equals an
+    uninterrupted run's, row for row."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    for folder in (run, reference):
+        write_ingest_run(folder, n=120, shard_rows=20, row_group_rows=10)  # 6 shards
+    chain = build_chain({"size": {}}) + [SlowScorer(SlowOptions())]
+    proc = subprocess.Popen([sys.executable, "-c", SCORE_IN_A_SUBPROCESS, str(run)], start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    scored_dir = run / "score"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(scored_dir.glob("shard-*.parquet")):
+        assert proc.poll() is None, "the scoring process ended before it was killed"
+        time.sleep(0.05)
+    doomed = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in doomed:  # Ray's own processes may have left the group: they go too
+        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    proc.wait(timeout=30)
+    committed = sorted(p.name for p in scored_dir.glob("shard-*.parquet"))
+    print(f"committed before the kill: {committed}")
+    assert 1 <= len(committed) < 6, committed
+    assert not list(scored_dir.glob(".*")) or all(p.name.startswith(".tmp") for p in scored_dir.glob(".*"))
+
+    stats = score_run(run, chain, backend="ray")
+    assert (stats.shards_skipped, stats.shards_scored) == (len(committed), 6 - len(committed))
+    score_run(reference, chain, backend="local")
+    resumed = load_scored(run).sort_by(schema.ID)
+    uninterrupted = load_scored(reference).sort_by(schema.ID)
+    assert resumed.num_rows == 120 and resumed.to_pylist() == uninterrupted.select(resumed.column_names).to_pylist()
