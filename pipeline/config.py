@@ -141,6 +141,7 @@ THRESHOLD_FILTERS: tuple[ThresholdFilter, ...] = (
 FILTERS_BY_NAME = {f.name: f for f in THRESHOLD_FILTERS}
 NEAR_DUPLICATES = "near_duplicates"  # drop reason of a near-duplicate that is not its group's representative
 BALANCE_QUOTA = "balance_quota"  # drop reason of a row cut by the domain-balanced target size
+SEMANTIC_DUPLICATES = "semantic_duplicates"  # drop reason of a SemDeDup near-duplicate (pipeline/semdedup.py)
 
 
 _NEAR_DUPLICATE_FIELDS: dict[str, Any] = {
@@ -163,6 +164,27 @@ _NEAR_DUPLICATE_FIELDS: dict[str, Any] = {
             "re-encodes, resizes and slight crops of one photo land within ~6, different photos far above. "
             "The exact search grows steeply with it: for 200,000 rows passing the thresholds, 6 takes "
             "~0.5 s, 8 ~2 s, 10 ~11 s on two cores",
+        ),
+    ),
+    SEMANTIC_DUPLICATES: (
+        float | None,
+        Field(
+            None,
+            gt=0.0,
+            le=1.0,
+            description="SemDeDup (Abbas et al. 2023) on the stored CLIP image embeddings: among the rows "
+            "that pass the thresholds and pHash, drop a row whose cosine similarity to a better-ranked row "
+            "of its k-means cluster reaches this value (the same scene shot twice, crops and edits pHash "
+            "misses; the paper removes up to half of LAION with little loss). Null turns it off; skipped when "
+            "the clip scorer did not run",
+        ),
+    ),
+    "semantic_duplicate_clusters": (
+        int | None,
+        Field(
+            None,
+            ge=1,
+            description="k-means clusters for the semantic dedup; null: one per ~1,000 rows compared",
         ),
     ),
 }

@@ -37,6 +37,7 @@ from pipeline import schema
 from pipeline.config import (
     BALANCE_QUOTA,
     NEAR_DUPLICATES,
+    SEMANTIC_DUPLICATES,
     THRESHOLD_FILTERS,
     ConfigError,
     PipelineConfig,
@@ -178,6 +179,25 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return labels[inverse.reshape(-1)]
 
 
+def _mark_semantic_duplicates(table: pa.Table, candidates: np.ndarray, position: np.ndarray, threshold: float,
+                              clusters: int | None, group: np.ndarray) -> np.ndarray:
+    """Rows among ``candidates`` (a mask) that duplicate a better-ranked one semantically; their
+    representative's row goes into ``group`` (as for pHash groups). A null embedding is not compared."""
+    from pipeline.scorers.common import arrow_to_embeddings
+    from pipeline.semdedup import semantic_duplicates
+
+    column = table[schema.CLIP_IMAGE_EMBEDDING]
+    rows = np.flatnonzero(candidates & pc.is_valid(column).to_numpy(zero_copy_only=False))
+    dropped = np.zeros(len(position), bool)
+    if len(rows) < 2:
+        return dropped
+    vectors, _ = arrow_to_embeddings(pc.take(column, pa.array(rows, pa.int64())), what="clip")
+    found = semantic_duplicates(vectors, position[rows], threshold, clusters)
+    dropped[rows[found.dropped]] = True
+    group[rows[found.dropped]] = rows[found.representative[found.dropped]]
+    return dropped
+
+
 def _mark_near_duplicates(
     rows: np.ndarray, hashes: np.ndarray, position: np.ndarray, max_distance: int, group: np.ndarray, dropped: np.ndarray
 ) -> int:
@@ -288,10 +308,12 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
     if dedup and schema.PHASH not in columns:
         skipped.append(NEAR_DUPLICATES)
         dedup = False
-    if rank_by is None and (dedup or cutting):
+    semantic = config.filters.semantic_duplicates is not None and schema.CLIP_IMAGE_EMBEDDING in columns
+    ranked_steps = dedup or cutting or semantic  # the steps that keep the better-ranked of two rows
+    if rank_by is None and ranked_steps:
         wanted = [config.balance.rank_by, *config.balance.rank_fallback]
         raise ConfigError(f"balance.rank_by: none of {wanted} is in the scored table (columns: {columns})")
-    order = priority_order(table, rank_by) if (dedup or cutting) else np.arange(n)
+    order = priority_order(table, rank_by) if ranked_steps else np.arange(n)
     position = np.empty(n, np.int64)
     position[order] = np.arange(n)
 
@@ -312,8 +334,20 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
         reasons.append(NEAR_DUPLICATES)
         failing.append(near_dup)
 
+    # 2b. semantic near-duplicates (SemDeDup) among what is left, on the CLIP image embeddings
+    semantic_dup = np.zeros(n, bool)
+    threshold = config.filters.semantic_duplicates
+    if threshold is not None and schema.CLIP_IMAGE_EMBEDDING not in columns:
+        skipped.append(SEMANTIC_DUPLICATES)
+    elif threshold is not None:
+        applied.append(SEMANTIC_DUPLICATES)
+        semantic_dup = _mark_semantic_duplicates(table, passed_thresholds & ~near_dup, position, threshold,
+                                                 config.filters.semantic_duplicate_clusters, near_dup_group)
+        reasons.append(SEMANTIC_DUPLICATES)
+        failing.append(semantic_dup)
+
     # 3. the domain-balanced cut among the survivors
-    survivors = passed_thresholds & ~near_dup
+    survivors = passed_thresholds & ~near_dup & ~semantic_dup
     if schema.CONCEPT in columns:
         concept_column = pc.fill_null(pc.cast(table[schema.CONCEPT], pa.string()), schema.OTHER_CONCEPT)
         encoded = pc.dictionary_encode(concept_column).combine_chunks()
@@ -360,6 +394,8 @@ def select(table: pa.Table, config: PipelineConfig) -> pa.Table:
         "thresholds": {name: getattr(config.filters, name) for name in applied if name != NEAR_DUPLICATES},
         "near_duplicate_max_distance": config.filters.near_duplicate_max_distance if dedup else None,
         "near_duplicate_groups": group_count,
+        "semantic_duplicate_threshold": threshold if SEMANTIC_DUPLICATES in applied else None,
+        "semantic_duplicates": int(semantic_dup.sum()),
         "rank_by": rank_by,
         "target_size": config.balance.target_size,
         # a quota for a concept no row carries is usually a typo: the report shows it

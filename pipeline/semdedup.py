@@ -20,8 +20,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SemanticDuplicates:
-    """``dropped``: rows to remove; ``representative``: for each dropped row, the better-ranked row it
-    duplicates (-1 for kept rows); ``clusters``: the k-means label of every row."""
+    """``dropped``: rows to remove; ``representative``: for each dropped row, the best-ranked row of its
+    cluster it duplicates (-1 for kept rows); ``clusters``: the k-means label of every row."""
 
     dropped: np.ndarray
     representative: np.ndarray
@@ -84,17 +84,17 @@ def brute_force(embeddings: np.ndarray, position: np.ndarray, threshold: float) 
 
 def _mark_in_order(x: np.ndarray, members: np.ndarray, threshold: float, block: int, dropped: np.ndarray,
                    representative: np.ndarray) -> None:
-    """``members`` best first: each one's largest similarity to an earlier member, in column blocks
-    against all earlier rows (memory: block x len(members))."""
+    """``members`` best first: each one against every earlier member, in column blocks (memory: block x
+    len(members)); a hit points at the earliest (best-ranked) close member."""
     vectors = x[members]
     for start in range(0, len(members), block):
         cols = vectors[start:start + block]
         sims = vectors[:start + len(cols)] @ cols.T  # earlier-or-same rows x this block
         # only rows ranked strictly before each column count
         earlier = np.arange(start + len(cols))[:, None] < (start + np.arange(len(cols)))[None, :]
-        sims = np.where(earlier, sims, -np.inf)
-        best = np.argmax(sims, axis=0)
-        hit = sims[best, np.arange(len(cols))] >= threshold
+        close = earlier & (sims >= threshold)
+        hit = close.any(axis=0)
+        first = np.argmax(close, axis=0)  # the best-ranked row it duplicates
         rows = members[start:start + len(cols)]
         dropped[rows[hit]] = True
-        representative[rows[hit]] = members[best[hit]]
+        representative[rows[hit]] = members[first[hit]]

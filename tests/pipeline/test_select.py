@@ -180,6 +180,30 @@ def test_null_phash_stays_ungrouped_and_missing_phash_skips_the_filter():
     assert selection_summary(s)["skipped_filters"] == ["near_duplicates"]
 
 
+def test_semantic_duplicates_keep_the_best_ranked_of_a_scene_and_are_skipped_without_embeddings():
+    rng = np.random.default_rng(0)
+    scene, other = rng.normal(size=16), rng.normal(size=16)
+    vectors = [scene, scene + rng.normal(size=16) * 0.05, other, scene + rng.normal(size=16) * 0.05, None]
+    embeddings = pa.array([None if v is None else (v / np.linalg.norm(v)).astype(np.float16).tolist() for v in vectors],
+                          pa.list_(pa.float16()))
+    t = table(clip_image_embedding=embeddings, aesthetic_score=[5.0, 7.0, 6.0, 4.0, 3.0],
+              nsfw_score=[0.1, 0.1, 0.1, 0.1, 0.1])
+    s = verdicts(select(t, config({"semantic_duplicates": 0.95, "semantic_duplicate_clusters": 1})))
+    # the scene's best-looking shot (id0001) stays; its two other shots go, pointing at it; the null
+    # embedding is not compared
+    assert [k for k, v in s.items() if v["keep"]] == ["id0001", "id0002", "id0004"]
+    assert {k: s[k]["near_dup_group"] for k in ("id0000", "id0003")} == {"id0000": "id0001", "id0003": "id0001"}
+    assert s["id0000"]["drop_reason"] == "semantic_duplicates"
+    summary = selection_summary(select(t, config({"semantic_duplicates": 0.95})))
+    assert summary["semantic_duplicates"] == 2 and "semantic_duplicates" in summary["applied_filters"]
+    # a row another filter drops cannot be the representative: the next best shot stands for the scene
+    offensive_best = t.set_column(t.column_names.index("nsfw_score"), "nsfw_score", pa.array([0.1, 0.9, 0.1, 0.1, 0.1]))
+    s = verdicts(select(offensive_best, config({"semantic_duplicates": 0.95, "max_nsfw": 0.5})))
+    assert s["id0001"]["drop_reason"] == "max_nsfw" and s["id0000"]["keep"] and not s["id0003"]["keep"]
+    skipped = select(table(aesthetic_score=[1.0, 2.0]), config({"semantic_duplicates": 0.95}))
+    assert selection_summary(skipped)["skipped_filters"] == ["semantic_duplicates"]
+
+
 # --- balancing -----------------------------------------------------------------------------------
 
 

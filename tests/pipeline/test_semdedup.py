@@ -11,19 +11,17 @@ from pipeline.semdedup import brute_force, semantic_duplicates
 
 def loop_reference(x: np.ndarray, position: np.ndarray, threshold: float, clusters: np.ndarray | None = None):
     """Row j is dropped when some row ranked before it (in its cluster) has cosine >= threshold; its
-    representative is the most similar such row."""
+    representative is the best-ranked such row."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     n = len(x)
     dropped, representative = np.zeros(n, bool), np.full(n, -1)
     for j in range(n):
-        best, best_sim = -1, -np.inf
-        for i in range(n):
-            if position[i] < position[j] and (clusters is None or clusters[i] == clusters[j]):
-                sim = float(x[i] @ x[j])
-                if sim > best_sim:
-                    best, best_sim = i, sim
-        if best >= 0 and best_sim >= threshold:
-            dropped[j], representative[j] = True, best
+        for i in sorted(range(n), key=lambda r: position[r]):  # best-ranked first
+            if position[i] >= position[j]:
+                break
+            if (clusters is None or clusters[i] == clusters[j]) and float(x[i] @ x[j]) >= threshold:
+                dropped[j], representative[j] = True, i
+                break
     return dropped, representative
 
 
