@@ -111,7 +111,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--brute-force-rows", type=int, default=20_000)
+    parser.add_argument("--memory", action="store_true",
+                        help="only: build the run, then run_select + funnel + build_report in a fresh child process "
+                             "and print its peak RSS (the selection's memory, without this process's synthetic table)")
     args = parser.parse_args()
+    if args.memory:
+        return memory_only(args.rows, args.shards)
     config = parse_config({"scorers": {}})  # the default thresholds, balance to 200,000
     print(f"rows {args.rows:,}, {os.cpu_count()} CPUs, near_duplicate_max_distance {config.filters.near_duplicate_max_distance}")
 
@@ -154,6 +159,34 @@ def main() -> None:
         assert found == len(i), (found, len(i))
         print(f"near-duplicate pairs on {len(subset):,} hashes: banded {banded_s:.3f} s vs brute force {brute_s:.2f} s "
               f"= {brute_s / banded_s:.0f}x faster, same {found} pairs")
+
+
+CHILD = """
+import resource, sys, time
+from pathlib import Path
+from pipeline.config import parse_config
+from pipeline.report import build_report, funnel
+from pipeline.select import run_select
+root, config = Path(sys.argv[1]), parse_config({"scorers": {}})
+t0 = time.perf_counter(); stats = run_select(root, config); t1 = time.perf_counter()
+rows = funnel(root); t2 = time.perf_counter(); build_report(root, config); t3 = time.perf_counter()
+assert rows[-1]["rows"] == stats.kept
+print(f"run_select {t1 - t0:.1f} s (kept {stats.kept:,} of {stats.rows:,}), funnel {t2 - t1:.2f} s, build_report {t3 - t2:.1f} s")
+print(f"peak RSS of the selection process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+"""
+
+
+def memory_only(rows: int, shards: int) -> None:
+    """Peak memory of selection + report on ``rows`` rows, measured in a child process that does only that."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "run"
+        table, build_s = timed(synthetic_run, root, rows, shards)
+        del table
+        print(f"rows {rows:,} in {shards} shards, built in {build_s:.1f} s (not measured below)")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run([sys.executable, "-c", CHILD, str(root)], check=True, env=env)
 
 
 if __name__ == "__main__":

@@ -439,7 +439,10 @@ def read_scored(layout: RunLayout, config: PipelineConfig) -> tuple[pa.Table, pa
     needed = {schema.ID, schema.WIDTH, schema.HEIGHT, schema.CONCEPT, config.balance.rank_by, *config.balance.rank_fallback}
     needed |= {f.column for f in THRESHOLD_FILTERS}
     ingest_columns = [f.name for f in pq.read_schema(ingest[0]) if f.name in needed]
-    score_columns = [f.name for f in pq.read_schema(scores[0]) if f.name != schema.ID and f.name not in ingest_columns]
+    # the embeddings are ~3 KB a row (30 GB for 10M rows): read only when the semantic dedup compares them
+    unread = {schema.CLIP_TEXT_EMBEDDING} | ({schema.CLIP_IMAGE_EMBEDDING} if config.filters.semantic_duplicates is None else set())
+    score_columns = [f.name for f in pq.read_schema(scores[0])
+                     if f.name != schema.ID and f.name not in ingest_columns and f.name not in unread]
     columns = [f'i."{c}"' for c in ingest_columns] + [f's."{c}"' for c in score_columns]
     table = duckdb.connect().sql(
         f"""

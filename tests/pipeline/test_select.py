@@ -337,6 +337,20 @@ def test_run_select_writes_the_selection_and_the_pool(tmp_path):
     assert {p.name for p in layout.pool_shards()} <= {shard_name(i) for i in range(3)}
 
 
+def test_selection_reads_the_embeddings_only_for_the_semantic_dedup(tmp_path):
+    from pipeline.select import read_scored
+
+    layout = write_run(tmp_path)
+    table, _ = read_scored(layout, config({"min_aesthetic": 5}))
+    assert schema.CLIP_IMAGE_EMBEDDING not in table.column_names and schema.AESTHETIC_SCORE in table.column_names
+    table, _ = read_scored(layout, config({"semantic_duplicates": 0.9}))
+    assert schema.CLIP_IMAGE_EMBEDDING in table.column_names
+    stats = run_select(layout.root, config({"semantic_duplicates": 0.999}))
+    assert stats.kept + stats.dropped == 30  # random 4-d vectors: a few may collide, none is lost
+    # the pool still carries the embeddings, read from the score shards
+    assert schema.CLIP_IMAGE_EMBEDDING in pq.read_schema(layout.pool_shards()[0]).names
+
+
 def test_rerun_with_new_thresholds_replaces_the_pool(tmp_path):
     layout = write_run(tmp_path)
     run_select(layout.root, config({"min_aesthetic": 3}))
