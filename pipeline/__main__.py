@@ -41,6 +41,7 @@ def cmd_ingest(args) -> None:
             shard_rows=cfg.ingest.shard_rows,
             thumbnail_size=cfg.ingest.thumbnail_size,
             progress=not args.quiet,
+            backend=args.backend,  # run: the same backend as scoring
         )
     )
 
@@ -97,10 +98,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--n", type=int, default=300)
     s.add_argument("--seed", type=int, default=0)
-    add("ingest", cmd_ingest, "read sources into ingest shards (hash, header, thumbnail); bad rows to quarantine", sources=True)
+    ingest = add("ingest", cmd_ingest, "read sources into ingest shards (hash, header, thumbnail); bad rows to quarantine", sources=True)
+    ingest.add_argument("--backend", choices=["local", "ray"], default="local", help="inspect images in a local process pool or in Ray tasks per source unit")
     for name, fn, help in (
         ("score", cmd_score, "run the configured scorers over the ingest shards (Ray, or --backend local)"),
-        ("run", cmd_run, "ingest, score, select and report in one go"),
+        ("run", cmd_run, "ingest, score, select and report in one go (--backend: ingest and score on Ray, or local)"),
     ):
         sp = add(name, fn, help, sources=name == "run")
         sp.add_argument("--backend", choices=["ray", "local"], default="ray")

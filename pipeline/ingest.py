@@ -17,9 +17,10 @@ Sources (a list may mix them; globs are expanded, sorted):
 - a folder holding no images but ``.tar`` (or else ``.parquet``) files reads those.
 
 Each row gets ``id`` = sha256 of its bytes, the header's size and format, and a small JPEG thumbnail
-(see pipeline/imageio.py), computed in a process pool. Images that have a local path keep it in
-``image_path`` (the bytes stay where they are); images that only exist inside a Parquet cell or a tar
-member are stored as bytes in ``image``.
+(see pipeline/imageio.py), computed in a process pool, or with ``backend="ray"`` in Ray tasks per
+source unit (pipeline/ingest_ray.py; the same outputs row for row). Images that have a local path keep
+it in ``image_path`` (the bytes stay where they are); images that only exist inside a Parquet cell or a
+tar member are stored as bytes in ``image``.
 
 Every input row lands in exactly one place, so ``rows_in == ingested + duplicates + quarantined``:
 the shards, ``duplicates.parquet`` (exact copies, reason ``exact_duplicate``, ``id`` = the kept row's
@@ -85,6 +86,7 @@ _FORMAT_VERSION = 1
 MAX_FILE_BYTES = 256 * 1024 * 1024
 _CHUNK_ITEMS = 32  # items per pool task: large enough to amortise pickling, small enough to balance
 _ROW_GROUP_ROWS = 512
+BACKENDS = ("local", "ray")  # where images are inspected: this machine's process pool, or Ray tasks
 
 
 class IngestError(UserError):
@@ -395,7 +397,8 @@ def _open_parquet(path: Path) -> tuple[pq.ParquetFile, tuple[str | None, str | N
     return parquet, _column_choice(path, arrow_schema)
 
 
-def _parquet_items(path: Path) -> Iterator[Item]:
+def _parquet_items(path: Path, row_group: int | None = None, first_index: int = 0) -> Iterator[Item]:
+    """The rows of ``path`` (or of one of its row groups, whose first row has index ``first_index``)."""
     source = str(path)
     parquet, (bytes_col, path_col, caption_col) = _open_parquet(path)
     arrow_schema = parquet.schema_arrow
@@ -406,10 +409,11 @@ def _parquet_items(path: Path) -> Iterator[Item]:
     }
     meta_cols = [n for n in arrow_schema.names if n not in binary_cols and n != caption_col]
     base = path.parent.resolve()
-    index = 0
+    index = first_index
     # only the columns an item takes: other binary columns (embeddings, masks, ...) are never decoded
     used = [n for n in arrow_schema.names if n in {bytes_col, path_col, caption_col} or n in meta_cols]
-    for batch in parquet.iter_batches(batch_size=256, columns=used):
+    groups = None if row_group is None else [row_group]
+    for batch in parquet.iter_batches(batch_size=256, row_groups=groups, columns=used):
         rows = batch.to_pylist()
         for row in rows:
             item = Item(source, str(index))
@@ -687,9 +691,17 @@ def ingest(
     thumbnail_size: int = schema.THUMBNAIL_SIZE,
     workers: int | None = None,
     progress: bool = False,
+    backend: str = "local",
 ) -> IngestStats:
     """Read ``sources`` into ``run_dir``'s ingest shards; see the module docstring. Raises IngestError
-    for unusable input; bad rows never raise, they are quarantined with a reason."""
+    for unusable input; bad rows never raise, they are quarantined with a reason.
+
+    ``backend="local"`` inspects images in a process pool of ``workers`` processes on this machine;
+    ``backend="ray"`` reads and inspects each source unit (tar shard, Parquet row group, chunk of a
+    folder's files) in a Ray task (see pipeline/ingest_ray.py; ``workers`` is not used). Both write the
+    same outputs row for row."""
+    if backend not in BACKENDS:
+        raise IngestError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if shard_rows < 1:
         raise IngestError(f"shard_rows must be >= 1, got {shard_rows}")
     if thumbnail_size < 32:  # as IngestConfig.thumbnail_size allows
@@ -720,8 +732,12 @@ def ingest(
     quarantine = _TableWriter(iter([layout.quarantine]), schema.QUARANTINE_SCHEMA)
     duplicates = _TableWriter(iter([layout.duplicates]), schema.QUARANTINE_SCHEMA)
 
-    counted = _counting(iter_items(expanded), stats)
-    results = _inspected(counted, thumbnail_size, workers)
+    if backend == "ray":
+        from pipeline.ingest_ray import inspected_on_ray
+
+        results = _counting_results(inspected_on_ray(expanded, thumbnail_size), stats)
+    else:
+        results = _inspected(_counting(iter_items(expanded), stats), thumbnail_size, workers)
     if progress:
         from tqdm import tqdm
 
@@ -803,3 +819,9 @@ def _counting(items: Iterator[Item], stats: IngestStats) -> Iterator[Item]:
     for item in items:
         stats.rows_in += 1
         yield item
+
+
+def _counting_results(results: Iterator[tuple[Item, Outcome]], stats: IngestStats) -> Iterator[tuple[Item, Outcome]]:
+    for result in results:
+        stats.rows_in += 1
+        yield result
