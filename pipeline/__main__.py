@@ -1,7 +1,8 @@
 """``python -m pipeline <sample|ingest|score|select|report|run|weights> --help``
 
 Each command is one stage over a run directory (see pipeline/layout.py); ``run`` does all of them.
-Errors a user can fix (a missing path, a bad config key, no image column) print one line, exit 2.
+Errors a user can fix (a missing path, a bad config key, no image column: a pipeline.errors.UserError)
+print one line and exit 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import UserError
 
+    # What a user can fix is a UserError (every stage's error class, WeightsError included): one line,
+    # exit 2, as in `python -m model`. Anything else, an OSError included, is a bug and keeps its traceback.
     try:
         args.fn(args)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return 2
     return 0
 

@@ -448,6 +448,8 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    except OSError as exc:  # no permission to read it
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     return parse_config(data, str(path))
 
 

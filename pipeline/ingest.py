@@ -719,7 +719,10 @@ def ingest(
             f"{layout.ingest} already holds an ingest of other sources or settings ({stored.get('inputs')}); "
             "use a new run directory"
         )
-    layout.ingest.mkdir(parents=True, exist_ok=True)
+    try:
+        layout.ingest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise IngestError(f"{layout.ingest}: cannot create the run folder ({exc.strerror or exc})") from exc
     _clear(layout.ingest)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

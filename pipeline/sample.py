@@ -51,6 +51,8 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class BasePhoto:
@@ -237,10 +239,14 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return out.getvalue()
 
 
+class SampleError(UserError, ValueError):
+    """A sample that cannot be made as asked (too few rows, a folder holding other files)."""
+
+
 def defect_counts(n: int) -> dict[str, int]:
     """Rows per defect for a sample of ``n`` rows (every defect at least once)."""
     if n < MIN_SAMPLE_ROWS:
-        raise ValueError(f"a sample needs at least {MIN_SAMPLE_ROWS} rows so every defect appears; got n={n}")
+        raise SampleError(f"a sample needs at least {MIN_SAMPLE_ROWS} rows so every defect appears; got n={n}")
     counts = {defect: max(1, round(n * share)) for defect, share in DEFECT_SHARES.items()}
     return {"clean": n - sum(counts.values()), **counts}
 
@@ -263,7 +269,10 @@ def _plan(n: int, rng: np.random.Generator) -> list[dict]:
 
 def _prepare(out_dir: Path) -> None:
     """Create ``out_dir``, or clear a previous sample there. Anything else in it is left alone: refuse."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise SampleError(f"{out_dir}: cannot create the sample folder ({exc.strerror or exc})") from exc
     captions = out_dir / CAPTIONS_FILE
     previous: list[str] = []
     if captions.exists():
@@ -271,9 +280,7 @@ def _prepare(out_dir: Path) -> None:
     known = set(previous) | {CAPTIONS_FILE}
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in known)
     if foreign:
-        raise FileExistsError(
-            f"{out_dir} holds files that are not a sample ({', '.join(foreign[:5])}); use an empty folder"
-        )
+        raise SampleError(f"{out_dir} holds files that are not a sample ({', '.join(foreign[:5])}); use an empty folder")
     for name in previous:
         (out_dir / name).unlink(missing_ok=True)
     captions.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.ingest import ingest
 from pipeline.layout import RunLayout
-from pipeline.sample import BASE_PHOTOS, CAPTIONS_FILE, DEFECTS, defect_counts, generate_sample
+from pipeline.sample import BASE_PHOTOS, CAPTIONS_FILE, DEFECTS, SampleError, defect_counts, generate_sample
 
 N = 60
 
@@ -115,9 +115,9 @@ def test_regenerating_replaces_a_sample_but_not_foreign_files(tmp_path):
     generate_sample(folder, n=20, seed=3)
     assert len(list(folder.iterdir())) == 21  # the 40-row sample's files are gone
     (folder / "mine.txt").write_text("someone's file")
-    with pytest.raises(FileExistsError, match="mine.txt"):
+    with pytest.raises(SampleError, match="mine.txt"):
         generate_sample(folder, n=20)
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(SampleError, match="at least"):
         generate_sample(tmp_path / "small", n=5)
 
 
