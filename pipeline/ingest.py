@@ -730,7 +730,9 @@ def ingest(
     started = time.perf_counter()
     stats = IngestStats()
     reasons: Counter[str] = Counter()
-    first_seen: dict[bytes, tuple[str, str]] = {}  # raw digest -> (source, key) of the kept row
+    # local: raw digest -> (source, key) of the kept row, here; ray: the same map, hash-partitioned over
+    # Ray actors (pipeline/ingest_ray.py), which return each good row's kept row (None: it is the first)
+    first_seen: dict[bytes, tuple[str, str]] = {}
     shards = _TableWriter(_shard_paths(layout.ingest), schema.INGEST_SCHEMA, file_rows=shard_rows)
     quarantine = _TableWriter(iter([layout.quarantine]), schema.QUARANTINE_SCHEMA)
     duplicates = _TableWriter(iter([layout.duplicates]), schema.QUARANTINE_SCHEMA)
@@ -740,12 +742,13 @@ def ingest(
 
         results = _counting_results(inspected_on_ray(expanded, thumbnail_size), stats)
     else:
-        results = _inspected(_counting(iter_items(expanded), stats), thumbnail_size, workers)
+        inspected = _inspected(_counting(iter_items(expanded), stats), thumbnail_size, workers)
+        results = ((item, outcome, _LOOK_UP) for item, outcome in inspected)
     if progress:
         from tqdm import tqdm
 
         results = tqdm(results, desc="ingest", unit="img")
-    for item, (info, reason, detail, digest) in results:
+    for item, (info, reason, detail, digest), kept in results:
         if info is None:
             stats.quarantined += 1
             reasons[reason] += 1
@@ -759,9 +762,13 @@ def ingest(
                 }
             )
             continue
-        raw_id = bytes.fromhex(info.id)
-        if raw_id in first_seen:
-            kept_source, kept_key = first_seen[raw_id]
+        if kept is _LOOK_UP:
+            raw_id = bytes.fromhex(info.id)
+            kept = first_seen.get(raw_id)
+            if kept is None:
+                first_seen[raw_id] = (item.source, item.source_key)
+        if kept is not None:
+            kept_source, kept_key = kept
             stats.duplicates += 1
             duplicates.add(
                 {
@@ -773,7 +780,6 @@ def ingest(
                 }
             )
             continue
-        first_seen[raw_id] = (item.source, item.source_key)
         caption = item.caption if item.caption is not None and item.caption.strip() else None
         stats.missing_captions += caption is None
         stats.ingested += 1
@@ -824,7 +830,10 @@ def _counting(items: Iterator[Item], stats: IngestStats) -> Iterator[Item]:
         yield item
 
 
-def _counting_results(results: Iterator[tuple[Item, Outcome]], stats: IngestStats) -> Iterator[tuple[Item, Outcome]]:
+_LOOK_UP = object()  # "is this id new?" is answered by the driver's own map (local backend)
+
+
+def _counting_results(results: Iterator[tuple[Any, ...]], stats: IngestStats) -> Iterator[tuple[Any, ...]]:
     for result in results:
         stats.rows_in += 1
         yield result

@@ -18,7 +18,7 @@ from pipeline import ingest_ray, schema
 from pipeline.ingest import IngestError, ingest
 from pipeline.layout import RunLayout
 from tests.pipeline.test_bad_input import ZOO, encoded, rgb, zoo  # noqa: F401 - zoo is a fixture
-from tests.pipeline.test_ingest import photo
+from tests.pipeline.test_ingest import photo, sha
 
 
 def outputs(run: Path) -> dict[str, pa.Table]:
@@ -88,9 +88,11 @@ def make_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 @pytest.fixture()
 def small_units(monkeypatch):
-    """Many small units and few in flight, so a handful of files exercise chunking and back-pressure."""
+    """Many small units, few in flight and three dedup partitions, so a handful of files exercise chunking,
+    back-pressure and the hash-partitioned duplicate collapse."""
     monkeypatch.setattr(ingest_ray, "FOLDER_CHUNK_ITEMS", 4)
     monkeypatch.setattr(ingest_ray, "MAX_IN_FLIGHT", 2)
+    monkeypatch.setattr(ingest_ray, "DEDUP_PARTITIONS", 3)
 
 
 def test_bad_input_zoo_on_ray_equals_local(local_ray, small_units, zoo, tmp_path):  # noqa: F811
@@ -178,3 +180,11 @@ def test_cli_ingest_backend_ray(local_ray, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["ingest", str(folder), "--run", str(tmp_path / "bad"), "--backend", "spark"])
     assert refused.value.code == 2 and "invalid choice: 'spark'" in capsys.readouterr().err
+
+
+def test_dedup_partition_keeps_the_first_owner_in_order():
+    seen = ingest_ray.SeenIds()  # the actor's class, called in-process: its ordering rule
+    a, b = bytes.fromhex(sha(b"a")), bytes.fromhex(sha(b"b"))
+    assert seen.claim([a, b, a], [("s", "1"), ("s", "2"), ("s", "3")]) == [None, None, ("s", "1")]
+    assert seen.claim([b, a], [("t", "1"), ("t", "2")]) == [("s", "2"), ("s", "1")]
+    assert seen.size() == 2
