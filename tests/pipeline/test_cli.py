@@ -60,3 +60,29 @@ def test_the_module_exits_2_for_a_user_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline", "select", "--run", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: no ingest shards")
+
+
+def test_the_readme_duckdb_example_runs_on_a_run_folder(tmp_path):
+    """The README's query runs as written (the duckdb package from .venv, no DuckDB CLI) on the layout
+    the pipeline writes."""
+    import re
+    from pathlib import Path
+
+    from pipeline.config import THRESHOLD_FILTERS, parse_config
+    from pipeline.engine import score_run
+    from pipeline.scorers import build_chain
+    from pipeline.select import run_select
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"`(\.venv/bin/python -c \"import duckdb;[^`]*)`", readme)
+    assert len(commands) == 1, commands
+    run_dir = tmp_path / "data" / "runs" / "demo"
+    write_ingest_run(run_dir, n=12, shard_rows=12)
+    score_run(run_dir, build_chain({"size": {}}), backend="local")
+    filters = {**{f.name: None for f in THRESHOLD_FILTERS}, "max_aspect_ratio": 1.5}
+    stats = run_select(run_dir, parse_config({"scorers": {}, "filters": filters, "balance": {"target_size": None}}))
+    (tmp_path / ".venv").symlink_to(sys.prefix)  # the README's .venv/bin/python: this interpreter's environment
+    done = subprocess.run(["bash", "-c", commands[0]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "drop_reason" in done.stdout and "max_aspect_ratio" in done.stdout
+    assert re.search(rf"│ NULL\s+│\s+{stats.kept} │", done.stdout), done.stdout  # kept rows have no drop reason
