@@ -13,6 +13,9 @@
 ``torchrun --nproc_per_node 8 -m model train-qt ...`` (``make train-qt GPUS=8``) or ``accelerate launch -m
 model train-qt ...``: the loop runs under accelerate; rank 0 alone trains the autoencoder, encodes the
 latent cache and writes checkpoints, grids and reports.
+
+An error a user can fix (a pipeline.errors.UserError: bad data, config, base, checkpoint, missing weights)
+prints one line and exits 2, as ``python -m pipeline`` does; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -59,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from model.bases import BaseError
-    from model.data import DataError
     from pipeline.errors import UserError
     from pipeline.weights import WeightsError
 
+    # what a user can fix (every model error class derives from UserError: DataError, ConfigError,
+    # BaseError, CheckpointError, AutoencoderError, EvaluationError) is one line and exit 2, as in
+    # `python -m pipeline`; anything else is a bug and keeps its traceback
     try:
         return _run(args)
-    except (DataError, FileNotFoundError, ValueError, WeightsError, UserError, BaseError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, WeightsError) as e:
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
 
 

@@ -25,11 +25,17 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 
 from model.config import AutoencoderConfig
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ChannelMismatchError(ValueError):
+class AutoencoderError(UserError, ValueError):
+    """The configured autoencoder cannot be loaded: not trained yet, an unsupported class, weights that do
+    not fit."""
+
+
+class ChannelMismatchError(AutoencoderError):
     """A checkpoint's latent channels differ from the autoencoder's."""
 
 
@@ -108,7 +114,7 @@ def load_taesd(encoder_path: str | Path, decoder_path: str | Path) -> Autoencode
                                     use_midblock_gn=any(".pool." in k for k in decoder_sd))
     missing, unexpected = vae.load_state_dict(taesd_state_dict(encoder_sd, decoder_sd), strict=False)
     if missing or unexpected:
-        raise ValueError(f"TAESD weights do not fit AutoencoderTiny: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise AutoencoderError(f"TAESD weights do not fit AutoencoderTiny: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return vae
 
 
@@ -249,7 +255,7 @@ def load_autoencoder(cfg: AutoencoderConfig, default_dir: Path | None = None) ->
     else:
         path = Path(cfg.path) if cfg.path else default_dir
         if path is None or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no trained kl autoencoder in {path}; train it first (python -m model "
+            raise AutoencoderError(f"no trained kl autoencoder in {path}; train it first (python -m model "
                                     f"train-autoencoder) or let train-qt do it")
         vae = FourierAutoencoderKL.from_pretrained(path)
     vae.requires_grad_(False)
@@ -262,7 +268,7 @@ def load_pretrained_autoencoder(path: str, subfolder: str | None = None) -> nn.M
     class_name = AutoencoderKL.load_config(path, **kwargs).get("_class_name", "AutoencoderKL")
     classes = {c.__name__: c for c in (AutoencoderKL, AutoencoderTiny, AutoencoderTinyMidBlockGN, FourierAutoencoderKL)}
     if class_name not in classes:
-        raise ValueError(f"{path}: autoencoder class {class_name} is not supported ({sorted(classes)})")
+        raise AutoencoderError(f"{path}: autoencoder class {class_name} is not supported ({sorted(classes)})")
     return classes[class_name].from_pretrained(path, **kwargs)
 
 

@@ -29,6 +29,7 @@ from model.autoencoder import (ChannelMismatchError, downsample_factor, latent_c
                                load_pretrained_autoencoder)
 from model.config import Config
 from model.text import load_text_encoder
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 NEEDLES_MARKER = "needles_config.yaml"
 
 
-class BaseError(ValueError):
+class BaseError(UserError, ValueError):
     """A base that cannot be used: unsupported family, not staged, or not matching the config."""
 
 

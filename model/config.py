@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(UserError, ValueError):
+    """The training config cannot be used as given: an unknown preset, a bad override, or a field that
+    fails validation (the message names its dotted path, e.g. ``quality_tune.max_step``)."""
 
 
 class _Strict(BaseModel):
@@ -216,6 +223,9 @@ class SampleScoreConfig(_Strict):
         for name in ("clip", "aesthetic"):
             try:
                 options[name] = scorer_class(name).Options.model_validate(getattr(self, name))
+            except ValidationError as e:
+                raise ValueError("; ".join(f"sample.score.{'.'.join(map(str, (name, *err['loc'])))}: {_message(err)}"
+                                           for err in e.errors())) from None
             except Exception as e:
                 raise ValueError(f"sample.score.{name}: {e}") from e
         if self.metric in ("aesthetic", "aesthetic+clip"):
@@ -282,14 +292,49 @@ def load_config(preset_or_path: str | Path, overrides: list[str] | None = None) 
         path = PRESETS_DIR / f"{preset_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no config {preset_or_path!r}: not a file and not a preset ({known})")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"no config {preset_or_path!r}: not a file and not a preset ({known})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(value))
-    return Config.model_validate(data)
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from None
+        try:
+            _set_dotted(data, key.strip(), parsed)
+        except (LookupError, TypeError, ValueError, AttributeError) as error:
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a field path of the config "
+                              f"({type(error).__name__}: {error})") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        problems = [_located(e) for e in error.errors()]
+        raise ConfigError(f"config {preset_or_path}: " + "; ".join(problems)) from None
+
+
+def _located(error: dict) -> str:
+    """``dotted.field.path: message`` (a validator's message that already names its field is kept as it is)."""
+    where, message = ".".join(map(str, error["loc"])), _message(error)
+    return message if not where or message.startswith(where) else f"{where}: {message}"
+
+
+def _message(error: dict) -> str:
+    """pydantic's message of one error, the rejected value named where it says which."""
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return "unknown field (a typo?)"
+    if error["type"].endswith("_error") and message.startswith("Value error, "):
+        return message[len("Value error, "):]  # a validator's own sentence
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        message += f", got {error['input']!r}"
+    return message
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 
 from pipeline import schema
+from pipeline.errors import UserError
 from pipeline.imageio import load_image_bytes
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training data cannot be used as given (too few images, missing captions under ``error``)."""
 
 
@@ -46,14 +47,19 @@ class CaptionedImage:
 
 @dataclass
 class ReadReport:
+    """Every row read, accounted for: ``rows`` = ``usable`` + skipped with a reason (no caption, a bad
+    ``file_name``, unreadable image)."""
+
     rows: int = 0
     usable: int = 0
     missing_caption: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)  # key -> reason
+    bad_path: dict[str, str] = field(default_factory=dict)  # key -> why its file_name was refused
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "usable": self.usable, "missing_caption": len(self.missing_caption),
-                "missing_caption_keys": self.missing_caption[:50], "unreadable": self.unreadable}
+                "missing_caption_keys": self.missing_caption[:50], "unreadable": self.unreadable,
+                "bad_path": self.bad_path}
 
 
 def read_captioned(path: str | Path, missing_captions: str = "skip") -> tuple[list[CaptionedImage], ReadReport]:
@@ -70,6 +76,9 @@ def read_captioned(path: str | Path, missing_captions: str = "skip") -> tuple[li
     items = []
     for key, caption, load in rows:
         report.rows += 1
+        if isinstance(load, RowProblem):
+            report.bad_path[key] = load.reason
+            continue
         if caption is None or not str(caption).strip():
             report.missing_caption.append(key)
             continue
@@ -79,19 +88,52 @@ def read_captioned(path: str | Path, missing_captions: str = "skip") -> tuple[li
                         f"(first: {report.missing_caption[:5]}); set data.missing_captions=skip to drop them")
     if report.missing_caption:
         log.warning("%s: skipped %d rows with no caption", path, len(report.missing_caption))
+    if report.bad_path:
+        log.warning("%s: skipped %d rows whose file_name is outside the folder (first: %s)", path,
+                    len(report.bad_path), next(iter(report.bad_path.items())))
     report.usable = len(items)
     return items, report
 
 
+@dataclass(frozen=True)
+class RowProblem:
+    """Why a row cannot be used at all (its ``load`` in place of a loader); counted in the report."""
+
+    reason: str
+
+
+def inside_folder(root: Path, file_name) -> Path | RowProblem:
+    """``root / file_name`` when it stays inside ``root``: a relative path without ``..`` whose real
+    location (symbolic links followed) is under ``root``'s; otherwise the reason it is refused."""
+    if not isinstance(file_name, str) or not file_name.strip():
+        return RowProblem(f"file_name must be a relative path, got {file_name!r}")
+    name = Path(file_name)
+    if name.is_absolute():
+        return RowProblem(f"file_name {file_name!r} is an absolute path; it must be relative to {root}")
+    if ".." in name.parts:
+        return RowProblem(f"file_name {file_name!r} goes up with '..'; it must stay inside {root}")
+    file = root / name
+    if not file.resolve().is_relative_to(root.resolve()):
+        return RowProblem(f"file_name {file_name!r} resolves to {file.resolve()}, outside {root} (a symbolic link "
+                          f"out of the folder)")
+    return file
+
+
 def _imagefolder_rows(root: Path):
+    """(key, caption, loader or RowProblem) per row of ``metadata.jsonl``; a ``file_name`` that leaves the
+    folder is a RowProblem, never opened."""
     for line_no, line in enumerate((root / "metadata.jsonl").read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
         if "file_name" not in row:
             raise DataError(f"{root}/metadata.jsonl line {line_no}: no file_name")
-        file = root / row["file_name"]
-        yield row["file_name"], row.get("text"), (lambda f=file: Image.open(f))
+        file = inside_folder(root, row["file_name"])
+        key = row["file_name"] if isinstance(row["file_name"], str) else f"metadata.jsonl line {line_no}"
+        if isinstance(file, RowProblem):
+            yield key, row.get("text"), file
+        else:
+            yield key, row.get("text"), (lambda f=file: Image.open(f))
 
 
 def _parquet_rows(path: Path):

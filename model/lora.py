@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import LoraConfig
+from model.config import ConfigError, LoraConfig
 
 #: written beside the LoRA weights: which base they adapt (model.pipeline.load_pipeline reads it)
 LORA_MARKER = "needles_lora.json"
@@ -26,7 +26,7 @@ def attach_lora(unet: torch.nn.Module, cfg: LoraConfig) -> None:
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] if not n.endswith("out.0") else "to_out.0" for n in names
                          if n.endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"))})
-        raise ValueError(f"quality_tune.lora.target_modules: {missing} match no module of this UNet "
+        raise ConfigError(f"quality_tune.lora.target_modules: {missing} match no module of this UNet "
                          f"(e.g. {leaves})")
     unet.requires_grad_(False)
     unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
@@ -43,10 +43,13 @@ def adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     from peft.utils import set_peft_model_state_dict
 
+    from model.checkpoints import CheckpointError
+
     result = set_peft_model_state_dict(unet, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"the checkpoint's LoRA weights do not fit this adapter: {unexpected[:3]}")
+        raise CheckpointError(f"the checkpoint's LoRA weights do not fit this adapter (was quality_tune.lora changed "
+                              f"since it was saved?): {unexpected[:3]}")
 
 
 def export_lora(out: Path, unet: torch.nn.Module, family: str, base: Path) -> Path:

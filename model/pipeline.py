@@ -38,6 +38,11 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
         pipe = load_pipeline(base, torch_dtype)
         pipe.load_lora_weights(str(path))
         return pipe
+    if not (Path(path) / "model_index.json").is_file():
+        from model.checkpoints import CheckpointError
+
+        raise CheckpointError(f"{path} is not a checkpoint to sample from: no model_index.json (a diffusers pipeline "
+                              f"folder such as OUT/quality_tune/best) and no LoRA folder")
     vae = load_pretrained_autoencoder(str(path), "vae")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype else {}
     if torch_dtype:

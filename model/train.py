@@ -45,7 +45,7 @@ from model.autoencoder import decode_latents, encode_latents, train_autoencoder
 from model.bases import (Frozen, base_diffusion, base_family, build_unet, encode_text, load_base_frozen,
                          load_base_unet, load_frozen, native_resolution, resolve_base)
 from model.checkpoints import latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
-from model.config import Config, StageConfig, load_config
+from model.config import Config, ConfigError, StageConfig, load_config
 from model.data import (BalancedBucketSampler, DataError, LatentCache, build_cache, crop_to_bucket,
                         read_captioned, split_validation)
 from model.export import export_pipeline, sample_grid, score_selection
@@ -106,8 +106,9 @@ def process_state():
 def prepare_cache(cfg: Config, stage: StageConfig, data_dir: Path, frozen: Frozen, cache_root: Path) -> LatentCache:
     items, report = read_captioned(data_dir, cfg.data.missing_captions)
     if len(items) < stage.min_images:
+        bad_paths = f", {len(report.bad_path)} with a file_name outside the folder" if report.bad_path else ""
         raise DataError(f"{data_dir}: {len(items)} usable captioned images ({len(report.missing_caption)} without a "
-                        f"caption skipped); stage {stage.name} needs at least {stage.min_images}")
+                        f"caption{bad_paths} skipped); stage {stage.name} needs at least {stage.min_images}")
     # what fixes the cached tensors: needles' own models by their config, a public base by its folder
     models = cfg.model_hash() if frozen.source is None else f"{frozen.family}-{_short_hash(frozen.source)}"
     cache = build_cache(
@@ -150,7 +151,7 @@ class StageRun:
                                              project_dir=self.out_dir / "tb", cpu=ranks.device.type == "cpu")
         self.world = acc.num_processes
         if stage.batch_size % (stage.micro_batch * self.world):
-            raise ValueError(f"batch_size {stage.batch_size} is not a multiple of micro_batch {stage.micro_batch} x "
+            raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not a multiple of micro_batch {stage.micro_batch} x "
                              f"{self.world} processes")
         self.accumulation = stage.batch_size // (stage.micro_batch * self.world)
         self.sampler = BalancedBucketSampler(self.train_idx, stage.micro_batch, cfg.seed)
@@ -384,7 +385,7 @@ def _optimizer(stage: StageConfig, params: list) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise ValueError(f"stage {stage.name}: optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, "
+            raise ConfigError(f"stage {stage.name}: optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, "
                              f"CUDA only); or use adamw") from error
         return bnb.optim.AdamW8bit(params, lr=stage.learning_rate, weight_decay=1e-2)
     return torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=1e-2)
@@ -435,7 +436,7 @@ def pretrain(cfg: Config, pool_dir: Path, out_dir: Path, frozen: Frozen, progres
     """Progressive-resolution pre-training (Emu §3.2): each stage starts from the previous one's final
     weights; a finished stage (its ``final/`` exists) is skipped on rerun."""
     if not cfg.pretrain:
-        raise ValueError("the config has no pretrain stages; give a base checkpoint instead")
+        raise ConfigError("the config has no pretrain stages; give a base checkpoint instead")
     results, base = [], None
     for i, stage in enumerate(cfg.pretrain):
         stage_dir = out_dir / "pretrain" / f"{i:02d}-{stage.name}"
@@ -492,7 +493,7 @@ def train_quality_tuned(data_dir: str | Path, out_dir: str | Path, preset: str |
                  f"LoRA rank {cfg.quality_tune.lora.rank}" if cfg.quality_tune.lora else "full fine-tuning")
     else:
         if any(s.resolution is None for s in [*cfg.pretrain, cfg.quality_tune]):
-            raise ValueError("a stage's resolution is null (the base's native size), but there is no public base: "
+            raise ConfigError("a stage's resolution is null (the base's native size), but there is no public base: "
                              "set quality_tune.resolution, or give --base")
         with ranks.main_process_first():  # rank 0 trains the autoencoder; the others then load it
             ae_metrics = ensure_autoencoder(cfg, Path(pool_dir or data_dir), out_dir, progress)

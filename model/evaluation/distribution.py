@@ -196,9 +196,17 @@ def _reference_rows(path: Path):
     """(row keys, load(indices) -> iterator of encoded image bytes, or the error that stopped reading
     one, whether those bytes are stored pipeline thumbnails) for the three layouts."""
     if (path / "metadata.jsonl").is_file():
-        lines = [json.loads(line) for line in (path / "metadata.jsonl").read_text().splitlines() if line.strip()]
-        files = [path / row["file_name"] for row in lines if "file_name" in row]
-        return [str(f) for f in files], lambda indices: (_read_bytes(files[i]) for i in indices), False
+        from model.data import RowProblem, inside_folder
+
+        keys, files = [], []  # a file, or the reason the row has none: counted with the unreadable images
+        for line_no, line in enumerate((path / "metadata.jsonl").read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            file = inside_folder(path, row["file_name"]) if "file_name" in row else RowProblem("no file_name")
+            keys.append(str(file) if isinstance(file, Path) else f"{path / 'metadata.jsonl'} line {line_no}")
+            files.append(ValueError(file.reason) if isinstance(file, RowProblem) else file)
+        return keys, lambda indices: (_read_bytes(files[i]) for i in indices), False
     shards = [path] if path.suffix == ".parquet" else sorted(path.glob("*.parquet")) if path.is_dir() else []
     if shards:
         return _parquet_rows(shards)
@@ -208,7 +216,9 @@ def _reference_rows(path: Path):
     raise EvaluationError(f"reference set {path} does not exist or is not an image folder, imagefolder or Parquet")
 
 
-def _read_bytes(file: Path) -> bytes | OSError:
+def _read_bytes(file: Path | Exception) -> bytes | Exception:
+    if isinstance(file, Exception):  # a row refused before reading (a file_name outside the folder)
+        return file
     try:
         return file.read_bytes()
     except OSError as error:  # counted with the unreadable images, with this reason

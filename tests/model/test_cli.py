@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from model.__main__ import main
 from tests.model.conftest import write_imagefolder
 
@@ -42,3 +44,38 @@ def test_make_train_qt_on_a_small_curated_set(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "quality-tuned checkpoint" in done.stdout
     assert (tmp_path / "train-qt-tiny" / "quality_tune" / "best" / "model_index.json").is_file()
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    """A config typo names the field; an unknown preset and a checkpoint that is not one say so."""
+    data = write_imagefolder(tmp_path / "curated", 4)
+    train = ["train-qt", "--data", str(data), "--out", str(tmp_path / "out")]
+    assert main([*train, "--preset", "tiny", "--set", "quality_tune.max_step=3"]) == 2
+    assert _one_error_line(capsys.readouterr().err) == "error: config tiny: quality_tune.max_step: unknown field (a typo?)"
+    assert main([*train, "--preset", "tiny", "--set", "quality_tune.optimizer=sgd"]) == 2
+    assert "quality_tune.optimizer: Input should be 'adamw' or 'adamw8bit', got 'sgd'" in _one_error_line(capsys.readouterr().err)
+    assert main([*train, "--preset", "tinny"]) == 2
+    assert "no config 'tinny': not a file and not a preset" in _one_error_line(capsys.readouterr().err)
+    assert main(["sample", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a fox", "--out", str(tmp_path / "x.png")]) == 2
+    assert "nowhere is not a checkpoint to sample from: no model_index.json" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out" / "quality_tune").exists()
+
+
+@pytest.mark.parametrize("bug", [RuntimeError, ValueError, FileNotFoundError, KeyError])
+def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
+    """Only user errors become one line: a bug, even a plain ValueError or FileNotFoundError, propagates."""
+    import model.train
+
+    def broken(*args, **kwargs):
+        raise bug("a bug inside the training stage")
+
+    monkeypatch.setattr(model.train, "read_captioned", broken)
+    data = write_imagefolder(tmp_path / "curated", 4)
+    with pytest.raises(bug, match="a bug inside the training stage"):
+        main(["train-qt", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "out")])

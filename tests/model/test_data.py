@@ -92,3 +92,40 @@ def test_parquet_rows_that_name_their_image_by_path_or_file_uri_are_read(tmp_pat
                    tmp_path / "pq" / "shard-00000.parquet")
     items, report = read_captioned(tmp_path / "pq")
     assert report.usable == 2 and [it.load().size for it in items] == [Image.open(f).size for f in files]
+
+
+def _add_rows(folder, rows: list[dict]) -> None:
+    import json
+
+    with open(folder / "metadata.jsonl", "a") as metadata:
+        metadata.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def escaping_rows(folder, outside) -> list[dict]:
+    """metadata.jsonl rows whose file_name leaves ``folder`` for the real image file ``outside``: an
+    absolute path, a '..' escape, a symbolic link inside the folder that points out of it, not a string."""
+    (folder / "images" / "link.jpg").symlink_to(outside)
+    return [{"file_name": str(outside), "text": "absolute"},
+            {"file_name": f"../{outside.parent.name}/{outside.name}", "text": "dot-dot"},
+            {"file_name": "images/link.jpg", "text": "a link out"},
+            {"file_name": 7, "text": "not a path"}]
+
+
+def test_file_names_outside_the_imagefolder_are_refused_per_row_and_counted(tmp_path):
+    import shutil
+
+    folder = write_imagefolder(tmp_path / "set", 4, missing_captions=1)
+    (tmp_path / "elsewhere").mkdir()
+    outside = shutil.copy(folder / "images" / "0001.jpg", tmp_path / "elsewhere" / "secret.jpg")
+    _add_rows(folder, escaping_rows(folder, outside))
+
+    items, report = read_captioned(folder, "skip")
+    assert report.rows == 8 and report.usable == 3 and len(report.missing_caption) == 1
+    assert report.rows == report.usable + len(report.missing_caption) + len(report.bad_path), "no row silently lost"
+    assert [it.key for it in items] == ["images/0001.jpg", "images/0002.jpg", "images/0003.jpg"]
+    reasons = report.bad_path
+    assert reasons[str(outside)].startswith(f"file_name {str(outside)!r} is an absolute path")
+    assert "goes up with '..'" in reasons["../elsewhere/secret.jpg"]
+    assert f"resolves to {outside}, outside" in reasons["images/link.jpg"]
+    assert reasons["metadata.jsonl line 8"] == "file_name must be a relative path, got 7"
+    assert report.to_dict()["bad_path"] == reasons  # what report.json's data report shows

@@ -201,3 +201,23 @@ def test_kid_on_coco_a_blurred_copy_is_far_a_held_out_half_is_near(shared_dir, s
     # measured: held-out 0.022, blurred 0.234 (FD 402 vs 423: at 40 images FD is mostly bias)
     assert abs(held_out.mean) < 0.05
     assert blur.mean > 5 * max(abs(held_out.mean), 0.01)
+
+
+def test_an_imagefolder_reference_refuses_file_names_outside_it_and_counts_them(tmp_path):
+    from tests.model.conftest import write_imagefolder
+    from tests.model.test_data import _add_rows, escaping_rows
+
+    folder = write_imagefolder(tmp_path / "set", 3)
+    (tmp_path / "elsewhere").mkdir()
+    outside = tmp_path / "elsewhere" / "secret.jpg"
+    outside.write_bytes((folder / "images" / "0000.jpg").read_bytes())
+    _add_rows(folder, [*escaping_rows(folder, outside), {"text": "no file_name"}])
+
+    reference = read_reference(folder)
+    assert reference.rows == 8 and len(reference.thumbnails) == 3, "only the three rows inside the folder are read"
+    assert len(reference.unreadable) == 5 and reference.to_dict()["unreadable"] == 5
+    line = str(folder / "metadata.jsonl") + " line {}"
+    assert "is an absolute path" in reference.unreadable[line.format(4)]
+    assert "goes up with '..'" in reference.unreadable[line.format(5)]
+    assert "outside" in reference.unreadable[line.format(6)] and "symbolic link" in reference.unreadable[line.format(6)]
+    assert reference.unreadable[line.format(8)] == "no file_name"

@@ -77,10 +77,75 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(frozen, curated_dir,
     a = weights(tmp_path / "a" / "checkpoints" / "step-0000004" / "unet")
     b = weights(tmp_path / "b" / "checkpoints" / "step-0000004" / "unet")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    ema_a = torch.load(tmp_path / "a" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=False)
-    ema_b = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=False)
+    # everything resume reads is data: tensors and plain containers (weights_only=True), and JSON
+    ema_a = torch.load(tmp_path / "a" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=True)
+    ema_b = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "ema.pt", weights_only=True)
     assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "training_state.pt", weights_only=True)
+    assert set(saved) == {"optimizer", "lr_scheduler"} and saved["lr_scheduler"]["last_epoch"] == 4
+    loops = [json.loads((tmp_path / run / "checkpoints" / "step-0000004" / "loop_state.json").read_text())
+             for run in ("a", "b")]
+    assert loops[0] == loops[1] and loops[1]["step"] == 4 and [h["step"] for h in loops[1]["history"]] == [2, 4]
+
+
+def _ran_on_load(marker: str) -> str:
+    Path(marker).write_text("code ran while the checkpoint loaded")
+    return "payload"
+
+
+class RunsCodeOnLoad:
+    """Unpickling this calls _ran_on_load: what a hostile training_state.pt could do with any function."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _ran_on_load, (self.marker,)
+
+
+@pytest.mark.parametrize("file", ["training_state.pt", "ema.pt"])
+def test_a_checkpoint_file_that_would_run_code_on_load_is_refused(frozen, curated_dir, tmp_path, file):
+    cfg = tiny("quality_tune.max_steps=2")
+    run_stage(cfg, cfg.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    target = tmp_path / "qt" / "checkpoints" / "step-0000002" / file
+    marker = tmp_path / "ran.txt"
+    saved = torch.load(target, weights_only=True)
+    torch.save(saved | {"extra": RunsCodeOnLoad(marker)}, target)
+    torch.load(target, weights_only=False)  # the file is hostile: loading it unrestricted runs the code
+    assert marker.read_text() == "code ran while the checkpoint loaded"
+    marker.unlink()
+
+    more = tiny("quality_tune.max_steps=4")
+    with pytest.raises(CheckpointError, match=rf"{file} holds objects other than tensors and plain containers; "
+                                              r"refusing to load it .*GLOBAL tests.model.test_train._ran_on_load was not an allowed global"):
+        run_stage(more, more.quality_tune, curated_dir, tmp_path / "qt", frozen, progress=False)
+    assert not marker.exists(), "resuming must not run the checkpoint's code"
+
+
+@pytest.mark.parametrize("path, why", [
+    ("../../elsewhere", "outside the checkpoints folder"),
+    ("/tmp/step-0000002", "outside the checkpoints folder"),
+    ("step-0000002/../..", "outside the checkpoints folder"),
+    ("link-out", "outside the checkpoints folder"),
+    (".", "outside the checkpoints folder"),
+    (7, "must be the name of a checkpoint folder"),
+])
+def test_latest_json_must_name_a_folder_inside_the_checkpoints_folder(tmp_path, path, why):
+    from model.checkpoints import latest_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-0000002").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link-out").symlink_to(tmp_path / "elsewhere")
+    (root / "latest.json").write_text(json.dumps({"step": 2, "path": "step-0000002"}))
+    assert latest_checkpoint(root) == root / "step-0000002"
+    (root / "latest.json").write_text(json.dumps({"step": 2, "path": path}))
+    with pytest.raises(CheckpointError, match=why):
+        latest_checkpoint(root)
+    (root / "latest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="is not a checkpoint pointer"):
+        latest_checkpoint(root)
 
 
 def test_pixel_loss_gradient_reaches_the_unet_only(frozen, tmp_path):
