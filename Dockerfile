@@ -11,3 +11,6 @@ COPY flows flows
 COPY configs configs
 RUN pip install --no-cache-dir -c constraints.txt .
 ENV RAY_USAGE_STATS_ENABLED=0
+# Ray's token authentication in every container from this image: a head or worker started without
+# RAY_AUTH_TOKEN refuses to start rather than accept anyone who can reach it (docker-compose.yml sets it).
+ENV RAY_AUTH_MODE=token

@@ -2,7 +2,8 @@
 # Starts a local Label Studio for development, tests and demos, and waits until it answers.
 #
 #   127.0.0.1 only, SQLite under $LABEL_STUDIO_STATE_DIR, an admin user and API token taken from the
-#   environment (created on first start), analytics/version checks/Sentry off, and images served from
+#   environment (created on first start), signup only through the invite link, SSRF protection on,
+#   analytics/version checks/Sentry off, and images served from
 #   $LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT as /data/local-files/?d=... (annotation/client.py adds the
 #   local storage connection each project needs for that).
 #
@@ -45,8 +46,15 @@ export LABEL_STUDIO_USER_TOKEN="${LABEL_STUDIO_USER_TOKEN:-needles-dev-token-012
 export LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true
 # Annotators join only through the organisation's invite link (annotation/client.py uses it).
 export LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true
-# The completion webhook receiver listens on 127.0.0.1, which SSRF protection would refuse.
-export LABEL_STUDIO_SSRF_PROTECTION_ENABLED="${LABEL_STUDIO_SSRF_PROTECTION_ENABLED:-false}"
+# Every member of the organisation can add webhooks, URL imports, storages and ML backends (the community
+# edition has no roles), so the server must never fetch loopback or private addresses for them: SSRF
+# protection and the ML backend check are always on (the prefixed names win over HEARTEX_/bare ones).
+# Nothing in needles needs a loopback callback (rounds are polled); to let one webhook receiver through,
+# see the README's "Security" paragraph (USE_DEFAULT_BANNED_SUBNETS / USER_ADDITIONAL_BANNED_SUBNETS).
+export LABEL_STUDIO_SSRF_PROTECTION_ENABLED=true LABEL_STUDIO_ML_BLOCK_LOCAL_IP=true
+# Uploaded SVGs are sanitised (script in an SVG would run in the other annotators' browsers); no
+# tracebacks in the UI.
+export LABEL_STUDIO_SVG_SECURITY_CLEANUP=true LABEL_STUDIO_DEBUG_MODAL_EXCEPTIONS=false
 export COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false SENTRY_DSN= FRONTEND_SENTRY_DSN=
 mkdir -p "$LABEL_STUDIO_BASE_DATA_DIR" "$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 
