@@ -10,7 +10,8 @@ module turns them into a folder of JPEG/PNG files plus ``captions.jsonl`` (the i
 =====================  ==========================================================================
 clean                  random crop (60-100 % per side, aspect <= 2), maybe mirrored, longest side
                        384-640 px, with the photo's descriptive caption
-overlay_text           real English words drawn over the photo at 14-72 px (``overlay_text`` field)
+overlay_text           7-10 real English words (an advert, a meme, a watermark) drawn over the photo
+                       at 14-72 px, wrapped over lines (``overlay_text`` field)
 extreme_aspect         a strip with aspect ratio 3.5-6
 tiny                   longest side 40-100 px
 blur                   Gaussian blur, radius 4-8 px
@@ -115,17 +116,19 @@ DEFECTS: tuple[str, ...] = ("clean", *DEFECT_SHARES)
 _COPIES = ("exact_duplicate", "near_duplicate")
 
 # Short real phrases, as a watermark, a meme or an advert would carry: OCR should read them as words.
+# Overlaid text as adverts, memes and watermarks carry it: 7-10 words, more than the OCR word-count
+# filter's default of 5 (a photo's own scene text, a sign or a shirt, is mostly 1-4 words).
 OVERLAY_PHRASES: tuple[str, ...] = (
-    "GRAND OPENING SALE",
-    "FREE SHIPPING TODAY",
-    "BEST PRICE GUARANTEED",
-    "SUBSCRIBE FOR MORE",
-    "LIMITED TIME OFFER",
-    "Happy Birthday Mom",
-    "WORLD NEWS TONIGHT",
-    "Click here to learn more",
-    "Summer Holiday Deals",
-    "Photo by John Smith",
+    "GRAND OPENING SALE THIS WEEKEND ONLY AT OUR STORE",
+    "FREE SHIPPING ON ALL ORDERS OVER FIFTY DOLLARS",
+    "BEST PRICE GUARANTEED OR YOUR MONEY BACK",
+    "SUBSCRIBE FOR MORE VIDEOS LIKE THIS ONE",
+    "LIMITED TIME OFFER ENDS SUNDAY AT MIDNIGHT",
+    "Happy Birthday Mom we love you so much",
+    "WORLD NEWS TONIGHT LIVE AT SIX ON CHANNEL NINE",
+    "Click here to learn more about this amazing deal",
+    "Summer Holiday Deals up to half price on flights",
+    "Photo by John Smith all rights reserved do not copy",
 )
 OVERLAY_FONT_SIZES = (14, 20, 28, 40, 56, 72)  # px: small watermark text up to a headline
 
@@ -170,21 +173,36 @@ def _clean_variant(base: Image.Image, rng: np.random.Generator) -> Image.Image:
     return _resize_longest(image, int(rng.integers(384, 641)))
 
 
+def _wrap(draw: ImageDraw.ImageDraw, phrase: str, font, stroke: int, width: float) -> list[str]:
+    """Greedy line breaking: as many words per line as fit in ``width`` pixels."""
+    lines: list[str] = []
+    for word in phrase.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        left, _, right, _ = draw.textbbox((0, 0), candidate, font=font, stroke_width=stroke)
+        if lines and right - left <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
 def _overlay_text(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, str, int]:
     phrase = OVERLAY_PHRASES[int(rng.integers(len(OVERLAY_PHRASES)))]
     size = int(OVERLAY_FONT_SIZES[int(rng.integers(len(OVERLAY_FONT_SIZES)))])
-    font = ImageFont.load_default(size=size)  # Pillow's bundled TrueType font (FreeType), no system fonts needed
     draw = ImageDraw.Draw(image)
-    while True:  # shrink until the phrase fits across the image
-        left, top, right, bottom = draw.textbbox((0, 0), phrase, font=font, stroke_width=max(1, size // 14))
-        if right - left <= image.width * 0.95 or size <= 10:
+    while True:  # wrap over lines across the image; shrink until the block fits in half its height
+        font = ImageFont.load_default(size=size)  # Pillow's bundled TrueType font (FreeType), no system fonts needed
+        stroke = max(1, size // 14)
+        text = "\n".join(_wrap(draw, phrase, font, stroke, image.width * 0.95))
+        left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font, stroke_width=stroke, align="center")
+        if (right - left <= image.width * 0.95 and bottom - top <= image.height * 0.5) or size <= 10:
             break
         size = int(size * 0.8)
-        font = ImageFont.load_default(size=size)
     x = int(rng.integers(0, max(1, image.width - (right - left)) + 1)) - left
     y = int(rng.integers(0, max(1, image.height - (bottom - top)) + 1)) - top
     # white glyphs with a black outline, as memes and adverts do: legible on any background
-    draw.text((x, y), phrase, font=font, fill=(255, 255, 255), stroke_width=max(1, size // 14), stroke_fill=(0, 0, 0))
+    draw.multiline_text((x, y), text, font=font, fill=(255, 255, 255), stroke_width=stroke, stroke_fill=(0, 0, 0),
+                        align="center")
     return image, phrase, size
 
 
