@@ -32,11 +32,11 @@ from pathlib import Path
 from annotation.abtest import (
     CRITERIA, ab_status, build_pairs, get_criterion, pull_ab, push_ab, simulate_ab, summarise_ab, wait_for_ab,
 )
-from annotation.client import LabelStudioClient, LabelStudioError, LabelStudioSettings
+from annotation.client import LabelStudioClient, LabelStudioSettings
 from annotation.curation import decide_round, pull_round, push_round, round_status, wait_for_round
 from annotation.export import export_curated
 from annotation.layout import curated_dir
-from annotation.rounds import ROUNDS, AnnotationError, get_round
+from annotation.rounds import ROUNDS, get_round
 from annotation.simulated import simulate_round
 from pipeline.errors import UserError
 
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 done = simulate_round(admin, round_, args.campaign, args.annotators, args.keep_fraction)
             for name, count in done.items():
                 print(f"{name}: {count} tasks")
-    except (LabelStudioError, AnnotationError, FileNotFoundError, TimeoutError) as error:
+    except (UserError, TimeoutError) as error:  # Label Studio's, the rounds' and the pools' errors are UserErrors
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -140,9 +140,9 @@ def _run_ab(args: argparse.Namespace) -> int:
                 done = simulate_ab(admin, criterion, args.campaign, args.voters, args.noise, args.skip_rate)
             for name, count in done.items():
                 print(f"{name}: {count['answered']} answered, {count['skipped']} skipped")
-    except (LabelStudioError, AnnotationError, UserError, FileNotFoundError, TimeoutError) as error:
-        print(f"error: {error}", file=sys.stderr)  # UserError: the manifest reader's (model.evaluation)
-        return 1
+    except (UserError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -26,6 +26,8 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -36,7 +38,8 @@ RETRY_STATUSES = {502, 503, 504}
 POOL_ID_KEY = "pool_id"
 
 
-class LabelStudioError(Exception):
+
+class LabelStudioError(UserError):
     """Label Studio refused a request; the message carries its answer."""
 
 

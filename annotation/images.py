@@ -11,10 +11,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from PIL import Image
 
+from pipeline.errors import UserError
 from pipeline.imageio import load_image_bytes
 from pipeline.schema import FORMAT, ID, IMAGE, IMAGE_PATH, THUMBNAIL
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+class PoolNotFound(UserError, FileNotFoundError):
+    """The pool a round or an export was pointed at does not exist."""
 
 
 class NoImage(Exception):
@@ -25,7 +30,7 @@ def pool_dataset(path: Path) -> ds.Dataset:
     """A pool given as one Parquet file or a folder of shards."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"pool {path} does not exist")
+        raise PoolNotFound(f"pool {path} does not exist")
     return ds.dataset(path, format="parquet")
 
 

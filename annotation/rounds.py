@@ -18,13 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.errors import UserError
+
 ROUNDS_DIR = Path(__file__).resolve().parent / "rounds"
 
 #: Label Studio control tags we read answers from, and the key of their value in a result.
 CONTROL_VALUE_KEYS = {"Choices": "choices", "Rating": "rating", "TextArea": "text"}
 
 
-class AnnotationError(Exception):
+class AnnotationError(UserError):
     """A round, a pool or an annotation result that cannot be used, with the reason."""
 
 

@@ -326,5 +326,5 @@ def test_cli_builds_pairs_and_names_bad_input(generate_dir, tmp_path, capsys):
                  "--work", str(tmp_path)]) == 0
     assert pq.read_table(ABLayout(tmp_path, "flaws").pairs).num_rows == 10
     assert main(["ab-pairs", "--criterion", "flaws", "--manifest", str(tmp_path / "nowhere"), "--a", "tuned",
-                 "--b", "base", "--work", str(tmp_path)]) == 1
+                 "--b", "base", "--work", str(tmp_path)]) == 2
     assert "manifest.parquet does not exist" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_the_development_token_only_in_dev_mode(no_dev_mode, monkeypatch):
 
 
 def test_cli_without_a_token_is_one_line_naming_the_variable(no_dev_mode, capsys):
-    assert main(["status", "--round", "generalist"]) == 1
+    assert main(["status", "--round", "generalist"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: LABEL_STUDIO_API_KEY is not set") and "Traceback" not in err
 
@@ -72,7 +72,7 @@ def test_scripted_annotators_are_refused_outside_dev_mode(labelstudio, photo_poo
         assert set(admin.user_emails().values()) == members, "a scripted user joined outside dev mode"
     monkeypatch.setenv("LABEL_STUDIO_URL", labelstudio.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", settings.api_key)
-    assert main(["simulate", "--round", "generalist", "--campaign", "nodev"]) == 1
+    assert main(["simulate", "--round", "generalist", "--campaign", "nodev"]) == 2
     assert "NEEDLES_DEV=1" in capsys.readouterr().err
     assert round_status(generalist, "nodev", settings, per_annotator=False).annotations == 0
 
