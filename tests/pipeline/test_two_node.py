@@ -37,12 +37,16 @@ def test_two_node_cluster_spreads_the_work(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
+    from pipeline.engine import _loopback_only
+
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
+    with _loopback_only():  # both nodes and the driver on 127.0.0.1, not the machine's routable address
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
         ray.init(address=cluster.address)
+    try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         write_ingest_run(tmp_path, n=60, shard_rows=10, row_group_rows=5)
         stats = score_run(tmp_path, build_chain({"size": {}}) + [NodeScorer()], backend="ray")
         scored = pq.read_table(RunLayout(tmp_path).score_shards())
