@@ -59,7 +59,7 @@ sample: install
 
 # The whole DAG on the embedded sample: tiny models, simulated annotators, tiny training run.
 demo: up sample
-	$(PREFECT) deployment run curate/quality-set --params '$(DEMO_PARAMS)' --watch
+	$(PY) -m flows run curate/quality-set --params '$(DEMO_PARAMS)'
 	$(PY) -m flows where
 
 # Only the automatic pipeline (no servers): ingest, score, select, report.

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.caching import stage_key
-from flows.params import CurateParams
-from flows.waiting import done_waiting, wait_for_people
+from flows.lock import run_dir_lock
+from flows.params import CurateParams, flow_parameters
+from flows.waiting import curation_waiting, done_waiting, wait_for_people
 
 
 def _config(config: str | None, pool_size: int | None = None):
@@ -164,11 +165,12 @@ def status_stage(round_name: str, target: int, campaign: str) -> dict:
 @task(name="pull-and-decide", retries=2, retry_delay_seconds=10)
 def pull_stage(pool: str, round_name: str, target: int, campaign: str, work: str) -> str:
     from annotation.curation import decide_round, pull_round
+    from annotation.layout import RoundLayout
 
     round_ = _round(round_name, target)
     pull_round(round_, campaign, Path(work), _settings())
     next_pool = decide_round(round_, Path(pool), Path(work))
-    summary = json.loads((Path(work) / round_name / "summary.json").read_text())
+    summary = json.loads(RoundLayout(Path(work), round_name).summary.read_text())
     create_markdown_artifact(
         f"## {round_name} round\n\n```json\n{json.dumps(summary, indent=2, default=str)[:20000]}\n```",
         key=f"{round_name}-round",
@@ -189,12 +191,13 @@ def human_round(round_name: str, pool: str, params: CurateParams, campaign: str,
         from annotation.curation import wait_for_round
 
         wait_for_people(
-            work / round_name, {"kind": "curation", "round": round_name, "target": target, "campaign": campaign},
+            curation_waiting(work, round_name),
+            {"kind": "curation", "round": round_name, "target": target, "campaign": campaign},
             status.get("tasks"), status["remaining"], params.round_timeout_s,
             lambda: wait_for_round(_round(round_name, target), campaign, _settings(), timeout_s=params.round_timeout_s),
         )
     next_pool = pull_stage(pool, round_name, target, campaign, str(work))
-    done_waiting(work / round_name)
+    done_waiting(curation_waiting(work, round_name))
     return next_pool
 
 
@@ -221,38 +224,25 @@ def campaign_name(run_dir: str) -> str:
 
 
 @flow(name="curate", log_prints=True, persist_result=True)
-def curate(
-    sources: list[str],
-    run_dir: str = "data/runs/quality-set",
-    config: str | None = None,
-    pool_size: int | None = None,
-    generalist_target: int = 20_000,
-    specialist_target: int = 2_000,
-    annotator_mode: str = "people",
-    round_timeout_s: int = 7 * 24 * 3600,
-    train: bool = False,
-    preset: str = "tiny",
-    train_overrides: list[str] | None = None,
-    evaluate: bool = False,
-    eval_params: dict | None = None,
-    backend: str = "ray",
-) -> dict:
-    """Curate a quality-tuning set from ``sources`` (see flows/params.py for every parameter)."""
-    params = CurateParams(
-        sources=sources, run_dir=run_dir, config=config, pool_size=pool_size, generalist_target=generalist_target,
-        specialist_target=specialist_target, annotator_mode=annotator_mode, round_timeout_s=round_timeout_s,
-        train=train, preset=preset, train_overrides=train_overrides or [], evaluate=evaluate,
-        eval_params=eval_params or {},
-    )
+@flow_parameters(CurateParams)
+def curate(**values: Any) -> dict:
+    """Curate a quality-tuning set from ``sources`` (flows/params.py: CurateParams)."""
+    params = CurateParams.parse(values)
+    with run_dir_lock(params.run_dir):
+        return _curate(params)
+
+
+def _curate(params: CurateParams) -> dict:
+    from model.evaluation.layout import EvalLayout
     from pipeline.layout import RunLayout
 
     layout = RunLayout(params.run_dir)
     ingest_stage(params.sources, params.run_dir, params.config)
-    score_stage(params.run_dir, params.config, backend)
+    score_stage(params.run_dir, params.config, params.backend)
     select_stage(params.run_dir, params.config, params.pool_size)
     report = report_stage(params.run_dir, params.config, params.pool_size)
 
-    work = layout.root / "annotation"
+    work = layout.annotation
     campaign = campaign_name(params.run_dir)
     generalist_pool = human_round("generalist", str(layout.pool), params, campaign, work)
     specialist_pool = human_round("specialist", generalist_pool, params, campaign, work)
@@ -261,19 +251,20 @@ def curate(
     if params.train:
         from flows.train import train_qt
 
-        training = train_qt(data_dir=curated, out_dir=str(layout.root / "train-qt"), preset=params.preset,
+        training = train_qt(data_dir=curated, out_dir=str(layout.train_qt), preset=params.preset,
                             overrides=params.train_overrides)
         result["training"] = training
         if params.evaluate:  # its own deployment run: it suspends on its A/B rounds like this flow on its rounds
             from flows.evaluate import EvalParams, start_evaluation
 
+            evaluation = EvalLayout(layout.eval.resolve())
             run = start_evaluation(EvalParams(
                 checkpoints={"base": training["base"], "tuned": training["checkpoint"]}, baseline="base",
-                run_dir=str((layout.root / "eval").resolve()), reference=str(Path(curated).resolve()),
+                run_dir=str(evaluation.run), reference=str(Path(curated).resolve()),
                 annotator_mode=params.annotator_mode, round_timeout_s=params.round_timeout_s, **params.eval_params),
                 wait=False)
-            result["evaluation"] = {"flow_run_id": str(run.id), "run_dir": str((layout.root / "eval").resolve())}
+            result["evaluation"] = {"flow_run_id": str(run.id), "run_dir": str(evaluation.run)}
             print(f"evaluation run {run.id} started (deployment evaluate/ab-test): the report will be "
-                  f"{layout.root / 'eval' / 'report' / 'index.html'}")
+                  f"{evaluation.report / 'index.html'}")
     print(json.dumps(result, indent=2))
     return result

@@ -17,13 +17,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.caching import stage_key
-from flows.params import EvalParams
+from flows.lock import run_dir_lock
+from flows.params import EvalParams, data_root, flow_parameters
 from flows.waiting import done_waiting, wait_for_people
 
 #: the deployment `python -m flows serve` registers for this flow
@@ -60,8 +62,10 @@ def start_evaluation(params: EvalParams, wait: bool):
                               "checkpoints": params.checkpoints, "run_dir": params.run_dir})
 
 
-def latest_checkpoints(root: Path = Path("data")) -> tuple[Path, Path]:
-    """The newest training run's base (last pre-training stage) and quality-tuned (best) pipelines."""
+def latest_checkpoints(root: Path | None = None) -> tuple[Path, Path]:
+    """The newest training run's base (last pre-training stage) and quality-tuned (best) pipelines under
+    ``root`` (default: the data root)."""
+    root = data_root() if root is None else root
     tuned = sorted(root.glob("**/quality_tune/best/model_index.json"), key=lambda p: p.stat().st_mtime)
     for best in reversed(tuned):
         train_dir = best.parents[2]
@@ -190,6 +194,7 @@ def pull_stage(criterion: str, votes: int | None, campaign: str, work: str) -> s
 def ab_round(manifest: str, candidate: str, baseline: str, criterion: str, params: EvalParams) -> dict:
     """Pairs -> push -> (people vote, the run suspended) -> pull -> summary of one criterion."""
     from annotation.abtest import wait_for_ab
+    from annotation.layout import ABLayout
 
     work = comparison_dir(params.run_dir, candidate, baseline)
     campaign = eval_campaign(params.run_dir, candidate, baseline)
@@ -199,15 +204,15 @@ def ab_round(manifest: str, candidate: str, baseline: str, criterion: str, param
     if params.annotator_mode == "simulated":
         simulate_stage(criterion, votes, campaign)
     status = status_stage(criterion, votes, campaign)
-    round_dir = work / criterion
+    waiting = ABLayout(work, criterion).waiting
     if not status["complete"]:
         wait_for_people(
-            round_dir, {"kind": "ab", "round": criterion, "votes": votes, "campaign": campaign},
+            waiting, {"kind": "ab", "round": criterion, "votes": votes, "campaign": campaign},
             status.get("tasks"), status["remaining"], params.round_timeout_s,
             lambda: wait_for_ab(_criterion(criterion, votes), campaign, _settings(), timeout_s=params.round_timeout_s),
         )
     summary = json.loads(Path(pull_stage(criterion, votes, campaign, str(work))).read_text())
-    done_waiting(round_dir)
+    done_waiting(waiting)
     return summary
 
 
@@ -228,29 +233,15 @@ def report_stage(run_dir: str, baseline: str) -> str:
 
 
 @flow(name="evaluate", log_prints=True, persist_result=True)
-def evaluate(
-    checkpoints: dict[str, str],
-    baseline: str = "base",
-    run_dir: str = "data/runs/eval",
-    prompts: str = "parti",
-    n_prompts: int | None = None,
-    seeds: int = 2,
-    steps: int = 25,
-    guidance_scale: float = 5.0,
-    resolution: int | None = None,
-    reference: str | None = None,
-    criteria: list[str] | None = None,
-    votes_per_pair: dict[str, int] | None = None,
-    annotator_mode: str = "people",
-    round_timeout_s: int = 7 * 24 * 3600,
-) -> dict:
+@flow_parameters(EvalParams)
+def evaluate(**values: Any) -> dict:
     """Compare ``checkpoints`` ({label: pipeline folder}) against ``baseline`` (flows/params.py: EvalParams)."""
-    params = EvalParams(
-        checkpoints=checkpoints, baseline=baseline, run_dir=run_dir, prompts=prompts, n_prompts=n_prompts, seeds=seeds,
-        steps=steps, guidance_scale=guidance_scale, resolution=resolution, reference=reference,
-        criteria=["appeal", "faithfulness", "flaws"] if criteria is None else criteria,
-        votes_per_pair=votes_per_pair or {}, annotator_mode=annotator_mode, round_timeout_s=round_timeout_s,
-    )
+    params = EvalParams.parse(values)
+    with run_dir_lock(params.run_dir):
+        return _evaluate(params)
+
+
+def _evaluate(params: EvalParams) -> dict:
     manifest = generate_stage(params.checkpoints, params.run_dir, params.prompts, params.n_prompts, params.seeds,
                               params.steps, params.guidance_scale, params.resolution)
     judge_stage(params.run_dir, params.reference)

@@ -2,11 +2,15 @@
 deployments, the relay that resumes suspended runs, and Label Studio. ``make up`` / ``make down``.
 
 Every process is started in its own session with a PID file under ``.run/`` and stopped by that PID
-(never by name), so tests and the Makefile can start and stop exactly what they started.
+(never by name), so tests and the Makefile can start and stop exactly what they started. The PID file also
+records the process's start time (and the command): a PID reused by another process (after a reboot, say)
+does not match it, and its file is removed as stale without signalling anything.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +20,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("flows.stack")
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("NEEDLES_STATE_DIR", ROOT / ".run"))
@@ -39,6 +47,9 @@ def prefect_env(port: int = PREFECT_PORT, home: Path | None = None) -> dict[str,
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+        # the local stack is the development stack: it may use the simulated annotators and Label Studio's
+        # development token (annotation/client.py: DEV_MODE_VAR); the compose stack never sets this
+        "NEEDLES_DEV": "1",
     }
 
 
@@ -49,7 +60,7 @@ class Service:
     health_url: str | None = None
     start_timeout_s: float = 120.0
     state_dir: Path = STATE
-    cwd: Path = ROOT  # relative paths in flow parameters resolve against the serve process's directory
+    cwd: Path = ROOT  # the serve process's ./data is the flows' data root unless NEEDLES_DATA_DIR is set
 
     @property
     def pidfile(self) -> Path:
@@ -60,34 +71,75 @@ class Service:
         return self.state_dir / f"{self.name}.log"
 
     def pid(self) -> int | None:
+        """The PID of the live process this service started, or None. A PID file naming a process that is
+        not the one it recorded (another start time or command line: the PID was reused) is removed."""
         try:
-            pid = int(self.pidfile.read_text())
-        except (FileNotFoundError, ValueError):
+            text = self.pidfile.read_text()
+        except FileNotFoundError:
+            return None
+        record = _parse_pidfile(text)
+        if record is None:
+            log.warning("%s: removed the unreadable PID file %s", self.name, self.pidfile)
+            self.pidfile.unlink(missing_ok=True)
             return None
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            process = psutil.Process(record["pid"])
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return None
+            mismatch = self._mismatch(process, record)
+        except psutil.NoSuchProcess:
             return None
-        return pid
+        except psutil.AccessDenied:
+            mismatch = "it belongs to another user"
+        if mismatch:
+            log.warning("%s: stale PID file %s: process %d is not the one it recorded (%s); removed the file, "
+                        "signalled nothing", self.name, self.pidfile, record["pid"], mismatch)
+            self.pidfile.unlink(missing_ok=True)
+            return None
+        return record["pid"]
+
+    def _mismatch(self, process: psutil.Process, record: dict) -> str | None:
+        """Why ``process`` is not the one the PID file recorded, or None when it is."""
+        if "create_time" in record:
+            if abs(process.create_time() - record["create_time"]) > 0.5:
+                return (f"{' '.join(process.cmdline())!r} started at {process.create_time():.0f}, the recorded "
+                        f"process at {record['create_time']:.0f}")
+            return None
+        # a PID file of an older version holds only the PID: trust it only if the command line matches
+        tail = self.argv[1:]
+        if process.cmdline()[len(process.cmdline()) - len(tail):] != tail:
+            return f"its command line is {' '.join(process.cmdline())!r}, not {' '.join(self.argv)!r}"
+        return None
 
     def start(self, env: dict[str, str]) -> int:
         if (pid := self.pid()) is not None:
             return pid
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab") as out:
             proc = subprocess.Popen(
                 self.argv,
                 cwd=self.cwd,
                 env={**os.environ, **env},
-                stdout=log,
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends its children too
             )
-        self.pidfile.write_text(str(proc.pid))
+        self._write_pidfile(proc.pid)
         if self.health_url:
             self._wait_healthy(proc)
         return proc.pid
+
+    def _write_pidfile(self, pid: int) -> None:
+        try:
+            process = psutil.Process(pid)
+            # the start time identifies the process (a PID is reused, never with the same start time)
+            record = {"pid": pid, "create_time": process.create_time(), "argv": self.argv}
+        except psutil.NoSuchProcess:  # exited at once: _wait_healthy reports it
+            record = {"pid": pid}
+        tmp = self.pidfile.with_name(f".{self.pidfile.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.pidfile)
 
     def _wait_healthy(self, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -121,6 +173,19 @@ class Service:
             os.killpg(pid, signal.SIGKILL)
             _reap(pid)
         self.pidfile.unlink(missing_ok=True)
+
+
+def _parse_pidfile(text: str) -> dict | None:
+    """``{"pid", "create_time", "argv"}`` (or ``{"pid"}`` from an older plain-number file), None if neither."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(record, int):
+        return {"pid": record}
+    if isinstance(record, dict) and isinstance(record.get("pid"), int):
+        return record
+    return None
 
 
 def _reap(pid: int) -> None:
@@ -180,7 +245,15 @@ def up(with_labelstudio: bool = True) -> None:
 
 
 def down(with_labelstudio: bool = True) -> None:
+    """Stop every process of the stack; one that cannot be stopped does not keep the others running."""
+    failed = []
     for service in (relay_process(), serve_process(), prefect_server()):
-        service.stop()
+        try:
+            service.stop()
+        except (OSError, StackError) as exc:
+            log.error("%s: could not stop it: %s", service.name, exc)
+            failed.append(service.name)
     if with_labelstudio:
         labelstudio("stop")
+    if failed:
+        raise StackError(f"could not stop {', '.join(failed)} (see above); the others are stopped")

@@ -4,17 +4,19 @@ first when no base checkpoint exists), wrapping model.train.train_quality_tuned.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 
-from flows.params import TrainParams
+from flows.lock import run_dir_lock
+from flows.params import TrainParams, data_root, flow_parameters
 
-DATA = Path("data")
 
-
-def latest_curated(root: Path = DATA) -> Path:
-    """The newest curated set under ``root`` (``.../annotation/curated`` written by the curate flow)."""
+def latest_curated(root: Path | None = None) -> Path:
+    """The newest curated set under ``root`` (default: the data root; ``.../annotation/curated`` written by
+    the curate flow)."""
+    root = data_root() if root is None else root
     candidates = [p.parent for p in root.glob("**/curated/metadata.jsonl")]
     if not candidates:
         raise FileNotFoundError(
@@ -24,14 +26,18 @@ def latest_curated(root: Path = DATA) -> Path:
 
 
 @flow(name="train-qt", log_prints=True)
-def train_qt(data_dir: str | None = None, out_dir: str = "data/train-qt", preset: str = "tiny",
-             overrides: list[str] | None = None) -> dict:
-    params = TrainParams(data_dir=data_dir, out_dir=out_dir, preset=preset, overrides=overrides or [])
+@flow_parameters(TrainParams)
+def train_qt(**values: Any) -> dict:
+    """Quality-tune on a curated set (flows/params.py: TrainParams)."""
+    params = TrainParams.parse(values)
     from model.train import train_quality_tuned
 
     data = Path(params.data_dir) if params.data_dir else latest_curated()
-    result = train_quality_tuned(data, Path(params.out_dir), params.preset, overrides=params.overrides, progress=False)
-    create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline", key="checkpoint")
+    with run_dir_lock(params.out_dir):
+        result = train_quality_tuned(data, Path(params.out_dir), params.preset, overrides=params.overrides,
+                                     progress=False)
+    create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline",
+                         key="checkpoint")
     summary = {"data": str(data), "checkpoint": str(result.checkpoint), "base": str(result.base),
                "grids": [str(g) for g in result.grids]}
     print(f"checkpoint: {result.checkpoint}")

@@ -1,13 +1,17 @@
 """Waiting for people without holding a worker: a flow run records which round it waits on (``waiting.json``
 beside the round's files, read by flows/relay.py) and suspends; the relay resumes it when Label Studio says
-the round is complete, and the run re-executes with its finished stages answered from Prefect's cache."""
+the round is complete, and the run re-executes with its finished stages answered from Prefect's cache.
+
+Where the record lies: ``ABLayout(work, criterion).waiting`` for an A/B round (annotation/layout.py), and
+``curation_waiting(work, round)`` = WORK/<round>/waiting.json for a curation round (RoundLayout has no
+property for it yet)."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -16,15 +20,20 @@ from prefect.context import get_run_context
 WAITING_FILE = "waiting.json"
 
 
-def wait_for_people(round_dir: Path, info: dict, tasks: int | None, remaining: int, timeout_s: int,
+def curation_waiting(work: Path, round_name: str) -> Path:
+    from annotation.layout import RoundLayout
+
+    return RoundLayout(work, round_name).root / WAITING_FILE
+
+
+def wait_for_people(waiting: Path, info: dict, tasks: int | None, remaining: int, timeout_s: int,
                     wait_here: Callable[[], object]) -> None:
     """Suspend the current flow run until the relay resumes it (``info`` says what it waits on: kind, round,
     campaign, ...). A run not started from a deployment cannot be re-executed after a suspension, so it
     waits in-process instead (``wait_here``: polling + webhook), holding this process."""
     ctx = get_run_context()
-    waiting = round_dir / WAITING_FILE
     waiting.parent.mkdir(parents=True, exist_ok=True)
-    tmp = waiting.with_name(f".{WAITING_FILE}.tmp")
+    tmp = waiting.with_name(f".{waiting.name}.tmp")
     tmp.write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), **info}))
     tmp.replace(waiting)  # the relay never reads half a file
     name = info["round"]
@@ -43,6 +52,6 @@ def wait_for_people(round_dir: Path, info: dict, tasks: int | None, remaining: i
         suspend_flow_run(timeout=timeout_s, key=f"round-{name}-{uuid.uuid4().hex}")
 
 
-def done_waiting(round_dir: Path) -> None:
+def done_waiting(waiting: Path) -> None:
     """The round is pulled: the relay must not wake the run for it again."""
-    (round_dir / WAITING_FILE).unlink(missing_ok=True)
+    waiting.unlink(missing_ok=True)

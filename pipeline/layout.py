@@ -8,6 +8,12 @@
     RUN/pool/shard-00000.parquet     the pool: ingest columns + scores, kept rows only
     RUN/report/index.html            funnel, histograms, contact sheets
 
+The curate flow (flows/curate.py) adds, in the same run directory:
+
+    RUN/annotation/                  the curation rounds' work directory (annotation/layout.py: RoundLayout)
+    RUN/train-qt/                    quality-tuning on the curated set (``"train": true``)
+    RUN/eval/                        the evaluation of that checkpoint (model/evaluation/layout.py: EvalLayout)
+
 Each stage is a pure function of the files before it, so any stage can be rerun or inspected with
 DuckDB alone (``duckdb -c "select * from 'RUN/score/*.parquet'"``).
 """
@@ -56,6 +62,18 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def annotation(self) -> Path:
+        return self.root / "annotation"
+
+    @property
+    def train_qt(self) -> Path:
+        return self.root / "train-qt"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
 
     def ingest_shards(self) -> list[Path]:
         return sorted(self.ingest.glob("shard-*.parquet"))

@@ -5,6 +5,9 @@ a run suspended on an open round and resumed by the relay once people finish it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,58 +90,103 @@ def _wait_state(http, run_id: str, names: set[str], timeout: float = 600) -> dic
     raise AssertionError(f"run {run_id} did not reach {names} in {timeout} s; last: {run['state']['name']}")
 
 
-def test_round_suspends_survives_a_prefect_restart_and_relay_resumes(prefect_stack, monkeypatch):
+def _broken_suspended_runs(http, workdir: Path) -> list[str]:
+    """Runs of the curate deployment left Suspended in ways the relay cannot check: its run_dir gone, its
+    waiting.json half written, its Label Studio projects deleted (the record names a campaign with none)."""
+    deployment = http.get("/deployments/name/curate/quality-set").json()
+    suspended = {"type": "PAUSED", "name": "Suspended", "state_details": {"pause_reschedule": True}}
+    ids = []
+    for name in ("broken-gone", "broken-half-written", "broken-projects-deleted"):
+        run = http.post(f"/deployments/{deployment['id']}/create_flow_run", json={
+            "parameters": {"sources": ["data/sample"], "run_dir": f"data/runs/{name}"}, "state": suspended}).json()
+        assert run.get("state_name") == "Suspended", run
+        ids.append(run["id"])
+        waiting = workdir / "data" / "runs" / name / "annotation" / "generalist" / "waiting.json"
+        if name == "broken-half-written":
+            waiting.parent.mkdir(parents=True)
+            waiting.write_text(json.dumps({"flow_run_id": run["id"], "kind": "curation"})[:20])
+        elif name == "broken-projects-deleted":
+            waiting.parent.mkdir(parents=True)
+            waiting.write_text(json.dumps({"flow_run_id": run["id"], "kind": "curation", "round": "generalist",
+                                           "target": 20, "campaign": "deleted-00000000"}))
+    return ids
+
+
+def test_round_suspends_survives_a_prefect_restart_and_relay_resumes(prefect_stack, monkeypatch, caplog):
+    """Also: the suspended run keeps its run_dir (a second run on it fails at once, naming the holder), and
+    runs the relay cannot check do not stop it resuming this one."""
     from annotation.client import LabelStudioClient, LabelStudioSettings
     from annotation.rounds import get_round
     from annotation.simulated import SimulatedAnnotator, hash_rule
     from flows.curate import campaign_name
+    from flows.lock import holder
     from flows.relay import check_once
 
     for key, value in prefect_stack.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(prefect_stack.workdir)
-    started = prefect_stack.prefect(
-        "deployment", "run", "curate/quality-set", "--params", _params(prefect_stack, "people", annotator_mode="people"),
-    )
+    params = _params(prefect_stack, "people", annotator_mode="people")
+    started = prefect_stack.prefect("deployment", "run", "curate/quality-set", "--params", params)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
     settings = LabelStudioSettings.from_env()
     admin = LabelStudioClient(settings)
     campaign = campaign_name("data/runs/people")
+    run_dir = prefect_stack.workdir / "data" / "runs" / "people"
     with prefect_stack.http() as http:
-        for round_name, target in (("generalist", 20), ("specialist", 8)):
-            _wait_state(http, run_id, {"Suspended"})
-            if round_name == "generalist":
-                # The Prefect server restarts while the round is open: nothing is lost.
-                prefect_stack.server.stop()
-                prefect_stack.server.start(prefect_stack.env)
-                assert _flow_run(http, run_id)["state"]["name"] == "Suspended"
-            assert check_once(http) == [], "resumed while the round was still open"
-            round_ = get_round(round_name, target_size=target)
-            for i in range(round_.overlap):  # the "people" finish the round
-                email = f"person-{i}@needles.test"
-                SimulatedAnnotator(email, f"password-{i}", hash_rule(round_, email, 0.7)).annotate(admin, round_, campaign)
-            assert check_once(http) == [run_id]
-        final = _wait_state(http, run_id, {"Completed"})
+        broken = []
+        try:
+            for round_name, target in (("generalist", 20), ("specialist", 8)):
+                _wait_state(http, run_id, {"Suspended"})
+                if round_name == "generalist":
+                    # The Prefect server restarts while the round is open: nothing is lost.
+                    prefect_stack.server.stop()
+                    prefect_stack.server.start(prefect_stack.env)
+                    assert _flow_run(http, run_id)["state"]["name"] == "Suspended"
+                    # A second run on the same run_dir fails at once, naming the suspended holder.
+                    assert holder(run_dir)["flow_run_id"] == run_id
+                    second = subprocess.run([sys.executable, "-m", "flows", "run", "curate/quality-set", "--params",
+                                             params], env={**os.environ, **prefect_stack.env},
+                                            capture_output=True, text=True, timeout=300, check=False)
+                    assert second.returncode == 1, second.stdout + second.stderr
+                    assert "is in use by flow run " in second.stderr and run_id in second.stderr, second.stderr
+                    assert holder(run_dir)["flow_run_id"] == run_id
+                    broken = _broken_suspended_runs(http, prefect_stack.workdir)
+                with caplog.at_level("ERROR", logger="flows.relay"):
+                    assert check_once(http) == [], "resumed while the round was still open"
+                for broken_id in (broken[0], broken[2]):  # gone; projects deleted (the half-written one is skipped)
+                    assert any(broken_id in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+                round_ = get_round(round_name, target_size=target)
+                for i in range(round_.overlap):  # the "people" finish the round
+                    email = f"person-{i}@needles.test"
+                    SimulatedAnnotator(email, f"password-{i}", hash_rule(round_, email, 0.7)).annotate(admin, round_, campaign)
+                assert check_once(http) == [run_id]
+            final = _wait_state(http, run_id, {"Completed"})
+            assert all(_flow_run(http, b)["state"]["name"] == "Suspended" for b in broken)
+        finally:
+            for broken_id in broken:
+                http.delete(f"/flow_runs/{broken_id}")
     assert final["state"]["type"] == "COMPLETED"
     assert (prefect_stack.workdir / "data/runs/people/annotation/curated/metadata.jsonl").is_file()
+    assert holder(run_dir) is None  # given back at the end
 
 
 def test_label_studio_down_when_a_round_starts_fails_with_a_clear_message(tmp_path, monkeypatch):
     """The push task (Prefect retries it twice) gives up with one message naming the server."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from annotation.client import LabelStudioError
     from flows.curate import push_stage
     from tests.annotation.conftest import photo_rows, pool_schema
     from tests.conftest import free_port
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pool = tmp_path / "pool"
     pool.mkdir()
     pq.write_table(pa.Table.from_pylist(photo_rows(["coffee", "rocket"]), schema=pool_schema()), pool / "shard-00000.parquet")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("LABEL_STUDIO_URL", dead)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "a-token-nobody-checks")  # no dev-mode fallback needed
     monkeypatch.setenv("LABEL_STUDIO_RETRY_BUDGET_S", "2")
     monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path / "files"))
     started = time.monotonic()
