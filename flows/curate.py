@@ -60,11 +60,13 @@ def _ingest_key(ctx, p) -> str:
 
 
 @task(name="ingest", cache_key_fn=_ingest_key, persist_result=True, retries=1)
-def ingest_stage(sources: list[str], run_dir: str, config: str | None) -> dict:
+def ingest_stage(sources: list[str], run_dir: str, config: str | None, backend: str = "local") -> dict:
     from pipeline.ingest import ingest
 
     cfg = _config(config)
-    stats = ingest(sources, Path(run_dir), shard_rows=cfg.ingest.shard_rows, thumbnail_size=cfg.ingest.thumbnail_size)
+    # the same outputs on either backend (tests/pipeline/test_ingest_ray.py), so the cache key leaves it out
+    stats = ingest(sources, Path(run_dir), shard_rows=cfg.ingest.shard_rows, thumbnail_size=cfg.ingest.thumbnail_size,
+                   backend=backend)
     return _as_dict(stats)
 
 
@@ -237,7 +239,7 @@ def _curate(params: CurateParams) -> dict:
     from pipeline.layout import RunLayout
 
     layout = RunLayout(params.run_dir)
-    ingest_stage(params.sources, params.run_dir, params.config)
+    ingest_stage(params.sources, params.run_dir, params.config, params.backend)
     score_stage(params.run_dir, params.config, params.backend)
     select_stage(params.run_dir, params.config, params.pool_size)
     report = report_stage(params.run_dir, params.config, params.pool_size)

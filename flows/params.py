@@ -127,7 +127,7 @@ class CurateParams(FlowParams):
     )
     round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long a suspended round may wait for people")
     backend: Literal["ray", "local"] = Field(
-        "ray", description="where the scorers run: ray (RAY_ADDRESS's cluster or a local Ray) or local (in this process)")
+        "ray", description="where ingest and the scorers run: ray (RAY_ADDRESS's cluster or a local Ray) or local (this machine: a process pool for ingest, in-process scoring)")
     train: bool = Field(False, description="start the train-qt flow on the curated set at the end")
     preset: str = Field("tiny", description="model preset for training (tiny, mid, sd15, ...; model/presets)")
     train_overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")
