@@ -6,12 +6,3 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Base of every stage's error whose message tells the user what to change."""
-
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-    UserError,
-)
