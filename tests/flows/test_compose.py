@@ -86,13 +86,16 @@ def test_every_service_the_flows_need_is_defined(compose):
 def test_environment_names_are_the_ones_the_code_reads(compose):
     flows_env = compose["services"]["flows"]["environment"]
     for name in ("PREFECT_API_URL", "RAY_ADDRESS", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
-                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "NEEDLES_WEIGHTS_DIR", "NEEDLES_OFFLINE"):
+                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "NEEDLES_WEIGHTS_DIR", "NEEDLES_DATA_DIR", "NEEDLES_OFFLINE"):
         assert name in flows_env, f"the flows service does not set {name}"
         if name not in ("PREFECT_API_URL", "RAY_ADDRESS"):  # these two are read by Prefect and Ray themselves
             assert _code_reads(name), f"no code reads {name}: the compose file and the code disagree"
     assert flows_env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert flows_env["LABEL_STUDIO_URL"] == "http://labelstudio:8080"
     assert flows_env["RAY_ADDRESS"].split(":")[0] == "ray-head"
+    # the flows' data root is the shared volume: relative run_dirs must not land in the container
+    assert flows_env["NEEDLES_DATA_DIR"] == "/data"
+    assert "/data" in [str(v).split(":")[1] for v in compose["services"]["flows"]["volumes"]]
 
 
 def test_ports_match_the_local_stack(compose):
