@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,5 +30,8 @@ def stage_key(stage: str, config: Any, inputs: Iterable[str | Path], outputs_pre
     """Input paths enter the fingerprint resolved, so a key also names where the stage reads from.
     ``outputs_present`` is part of the key so a deleted output reruns its stage; the run after a
     first run then misses once (outputs now present) and reruns an idempotent stage, cheaply."""
-    payload = json.dumps({"stage": stage, "config": config, "present": outputs_present}, sort_keys=True, default=str)
+    # Outputs absent: a fresh key every time. A fixed "absent" key would be cached by the very first run,
+    # and a later run whose outputs were deleted would get that first result back without its files.
+    present = outputs_present or uuid.uuid4().hex
+    payload = json.dumps({"stage": stage, "config": config, "present": present}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256((payload + fingerprint(inputs)).encode()).hexdigest()[:32]}"
