@@ -66,7 +66,7 @@ from annotation.curation import (
 )
 from annotation.images import NoImage, original_image, write_once
 from annotation.layout import ABLayout
-from annotation.rounds import ROUNDS_DIR, AnnotationError, Control, answers_from_result, read_controls, result_from_answers
+from annotation.rounds import AnnotationError, Control, RoundFiles, answers_from_result, read_controls, result_from_answers
 from annotation.simulated import one_time_password, run_tag, scripted_user
 from pipeline.schema import DETAIL, ID, IMAGE_PATH, QUARANTINE_SCHEMA, REASON, SOURCE, SOURCE_KEY
 from pipeline.scorers.technical import TechnicalOptions, sharpness_and_contrast
@@ -82,7 +82,7 @@ CHECKPOINT, IMAGE = "checkpoint", "image_path"  # manifest columns (model/evalua
 
 
 # -- criteria as data ---------------------------------------------------------------------------------------
-class Criterion(BaseModel):
+class Criterion(RoundFiles, BaseModel):
     """One A/B question: what Label Studio shows (label config and guideline under annotation/rounds/), how
     many people vote on each pair, what each choice means in screen terms, and how gold pairs are made."""
 
@@ -108,14 +108,6 @@ class Criterion(BaseModel):
     def round_name(self) -> str:
         """Names the Label Studio projects ("<campaign> · ab-<criterion> · <part>") and the image folder."""
         return f"ab-{self.name}"
-
-    @property
-    def label_config(self) -> str:
-        return (ROUNDS_DIR / self.label_config_file).read_text()
-
-    @property
-    def guideline(self) -> str:
-        return (ROUNDS_DIR / self.guideline_file).read_text()
 
     @cached_property
     def controls(self) -> dict[str, Control]:

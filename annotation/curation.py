@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -158,6 +158,17 @@ def _with_gold_and_preload(chunk: list[dict], gold: list[dict], preload_next: in
     return out
 
 
+def task_order(tasks: list[dict[str, Any]], priority: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Tasks by descending priority (absent: last), ties and no priority by pool id."""
+    priority = priority or {}
+
+    def key(task: dict[str, Any]) -> tuple:
+        pool_id = task["data"][POOL_ID_KEY]
+        return (-priority.get(pool_id, float("-inf")), pool_id)
+
+    return sorted(tasks, key=key)
+
+
 def push_round(
     pool: Path,
     round_: Round,
@@ -167,8 +178,13 @@ def push_round(
     gold: Path | None = None,
     max_tasks_per_project: int = MAX_TASKS_PER_PROJECT,
     batch_size: int = IMPORT_BATCH,
+    priority: Mapping[str, float] | None = None,
 ) -> PushResult:
     """Pool rows -> tasks (carrying the pool id) in projects of at most ``max_tasks_per_project``.
+
+    Tasks are imported by descending ``priority`` (pool id -> e.g. the learned keep-probability of
+    annotation/active.py; ids it lacks come last), else by pool id. The projects sample sequentially, so
+    Label Studio serves tasks in import order: annotators see the likely keeps first.
 
     Idempotent: a pool id already in any project of this round is not imported again, so re-running
     a push (complete or interrupted) only adds what is missing.
@@ -185,9 +201,8 @@ def push_round(
         for g in gold_tasks:
             if g["data"][POOL_ID_KEY] not in gold_answers or gold_answers[g["data"][POOL_ID_KEY]] is None:
                 raise AnnotationError(f"gold task {g['data'][POOL_ID_KEY]} has no {S.GOLD_ANSWER}")
-        tasks = sorted(
-            _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen, set(gold_answers)),
-            key=lambda t: t["data"][POOL_ID_KEY],
+        tasks = task_order(
+            _tasks_from(pool, round_, storage, settings.document_root, quarantine, seen, set(gold_answers)), priority
         )
         layout.root.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), layout.push_quarantine)

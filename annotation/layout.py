@@ -6,6 +6,7 @@
     WORK/<round>/summary.json             counts, shortfall, agreement, gold accuracy
     WORK/<round>/pool/shard-00000.parquet the next round's pool (the specialist round's is the curated set)
     WORK/curated/                         curated.parquet, images/, metadata.jsonl (imagefolder)
+    WORK/active/                          what the rounds' votes taught (ActiveLayout: annotation/active.py)
 """
 
 from __future__ import annotations
@@ -55,6 +56,45 @@ class RoundLayout:
 
 def curated_dir(work: Path) -> Path:
     return Path(work) / "curated"
+
+
+@dataclass(frozen=True)
+class ActiveLayout:
+    """What active learning (annotation/active.py) writes in a campaign's work directory:
+
+        WORK/active/heads.json                  per round: the head's weights, Platt map and held-out report
+        WORK/active/ranking.parquet             every scored row by keep-probability (id, keep_probability,
+                                                p_<round>, annotated, passed_filters, drop_reason, rank)
+        WORK/active/proposals.json              proposed threshold changes (shown in the report, never applied)
+        WORK/active/summary.json                the features used, each round's figures, the proposals
+        WORK/active/imagenet-features.parquet   cached MobileNetV2 features (when those are the features)
+    """
+
+    work: Path
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work) / "active"
+
+    @property
+    def heads(self) -> Path:
+        return self.root / "heads.json"
+
+    @property
+    def ranking(self) -> Path:
+        return self.root / "ranking.parquet"
+
+    @property
+    def proposals(self) -> Path:
+        return self.root / "proposals.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def imagenet_features(self) -> Path:
+        return self.root / "imagenet-features.parquet"
 
 
 @dataclass(frozen=True)

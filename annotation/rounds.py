@@ -81,7 +81,20 @@ class Control(BaseModel):
         return CONTROL_VALUE_KEYS[self.tag]
 
 
-class Round(BaseModel):
+class RoundFiles:
+    """The label config and annotator guideline a round (or A/B criterion) names by file, read from
+    annotation/rounds/ (mixed into pydantic models with ``label_config_file`` and ``guideline_file``)."""
+
+    @property
+    def label_config(self) -> str:
+        return (ROUNDS_DIR / self.label_config_file).read_text()
+
+    @property
+    def guideline(self) -> str:
+        return (ROUNDS_DIR / self.guideline_file).read_text()
+
+
+class Round(RoundFiles, BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     name: str
@@ -103,14 +116,6 @@ class Round(BaseModel):
     #: annotators whose accuracy on gold tasks is below this are flagged and their answers excluded
     min_gold_accuracy: float = Field(default=0.5, ge=0.0, le=1.0)
     exclude_flagged_annotators: bool = True
-
-    @property
-    def label_config(self) -> str:
-        return (ROUNDS_DIR / self.label_config_file).read_text()
-
-    @property
-    def guideline(self) -> str:
-        return (ROUNDS_DIR / self.guideline_file).read_text()
 
     @cached_property
     def controls(self) -> dict[str, Control]:

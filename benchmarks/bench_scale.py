@@ -158,6 +158,7 @@ class RssSampler(threading.Thread):
         self.cluster_sum_peak = 0  # every descendant together (GCS, raylets, agents, workers)
         self.workers_sum_peak = 0  # the Ray workers together
         self.samples = 0
+        self.stage_driver_peak = 0  # the driver's peak since the last take_stage_peak()
         self.cpu_seen: dict[int, float] = {}  # pid -> its last-seen user + system CPU seconds
         self.lock = threading.Lock()
 
@@ -182,8 +183,17 @@ class RssSampler(threading.Thread):
         times = self.me.cpu_times()
         return times.user + times.system
 
+    def take_stage_peak(self) -> int:
+        """The driver's peak RSS since the last call (sampled once more now); starts the next stage's."""
+        self.sample()
+        with self.lock:
+            peak, self.stage_driver_peak = self.stage_driver_peak, 0
+        return peak
+
     def _sample(self) -> None:
-        self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+        rss = self.me.memory_info().rss
+        self.driver_peak = max(self.driver_peak, rss)
+        self.stage_driver_peak = max(self.stage_driver_peak, rss)
         times = self.me.cpu_times()
         self.cpu_seen[self.me.pid] = times.user + times.system
         total = workers = 0
@@ -291,17 +301,28 @@ def main() -> None:
     print(f"cluster: {len(ray.nodes())} nodes on loopback at {cluster.address}, {cpus} Ray CPUs; machine: {os.cpu_count()} logical CPUs")
     sampler.start()
     stages: dict[str, dict] = {}
+
+    def begin() -> tuple[float, float, float]:
+        sampler.take_stage_peak()
+        return time.perf_counter(), sampler.cpu_seconds(), sampler.driver_cpu_seconds()
+
+    def measured(start: tuple[float, float, float], rows: int, seconds: float | None = None) -> dict:
+        t0, c0, d0 = start
+        return {"seconds": seconds if seconds is not None else time.perf_counter() - t0, "rows": rows,
+                "cpu_s": sampler.cpu_seconds() - c0, "driver_cpu_s": sampler.driver_cpu_seconds() - d0,
+                "driver_peak_rss": sampler.take_stage_peak()}
     try:
         # ingest
-        t, c, d = time.perf_counter(), sampler.cpu_seconds(), sampler.driver_cpu_seconds()
+        start = begin()
         istats = ingest([source], run, shard_rows=args.shard_rows, backend="ray")
-        stages["ingest"] = {"seconds": time.perf_counter() - t, "rows": istats.rows_in, "cpu_s": sampler.cpu_seconds() - c, "driver_cpu_s": sampler.driver_cpu_seconds() - d}
+        stages["ingest"] = measured(start, istats.rows_in)
         print(f"ingest: {istats.rows_in:,} rows in {stages['ingest']['seconds']:.1f} s -> {len(istats.shards)} shards, "
               f"{istats.duplicates} duplicates, quarantined {istats.quarantine_reasons}")
 
         # score, with the worker node killed once
         layout = RunLayout(run)
-        t, c, d = time.perf_counter(), sampler.cpu_seconds(), sampler.driver_cpu_seconds()
+        start = begin()
+        t = start[0]
         attempts, failures, skipped_on_rerun = 0, [], None
         killed_at = replaced_at = None
         committed_at_kill = 0
@@ -333,7 +354,7 @@ def main() -> None:
             skipped_on_rerun = sstats.shards_skipped
         score_s = time.perf_counter() - t
         scored_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in layout.score.glob("shard-*.parquet"))
-        stages["score"] = {"seconds": score_s, "rows": scored_rows, "cpu_s": sampler.cpu_seconds() - c, "driver_cpu_s": sampler.driver_cpu_seconds() - d}
+        stages["score"] = measured(start, scored_rows, score_s)
         kill = {
             "killed": killed_at is not None,
             "committed_shards_at_kill": committed_at_kill,
@@ -357,13 +378,13 @@ def main() -> None:
                 "balance": {"target_size": int(args.rows * 0.6)},
             }
         )
-        t, c, d = time.perf_counter(), sampler.cpu_seconds(), sampler.driver_cpu_seconds()
+        start = begin()
         sel = run_select(run, config)
-        stages["select"] = {"seconds": time.perf_counter() - t, "rows": sel.rows, "cpu_s": sampler.cpu_seconds() - c, "driver_cpu_s": sampler.driver_cpu_seconds() - d}
-        t, c, d = time.perf_counter(), sampler.cpu_seconds(), sampler.driver_cpu_seconds()
+        stages["select"] = measured(start, sel.rows)
+        start = begin()
         build_report(run, config)
         rows = funnel(run)
-        stages["report"] = {"seconds": time.perf_counter() - t, "rows": sel.rows, "cpu_s": sampler.cpu_seconds() - c, "driver_cpu_s": sampler.driver_cpu_seconds() - d}
+        stages["report"] = measured(start, sel.rows)
     finally:
         sampler.stop()
         ray.shutdown()
@@ -386,7 +407,7 @@ def main() -> None:
     print("rows/s/CPU: wall-clock rate / the Ray CPUs the stage ran on (select and report: 1, the driver); "
           "rows/CPU-s: rows / the CPU seconds the driver and every cluster process used in the stage; "
           "driver rows/CPU-s: rows / the driver's own CPU seconds (the serial part's ceiling)")
-    print(f"{'stage':8} {'rows':>10} {'seconds':>8} {'rows/s':>9} {'rows/s/CPU':>10} {'CPU-s':>8} {'rows/CPU-s':>10} {'driver CPU-s':>12} {'driver rows/CPU-s':>17}")
+    print(f"{'stage':8} {'rows':>10} {'seconds':>8} {'rows/s':>9} {'rows/s/CPU':>10} {'CPU-s':>8} {'rows/CPU-s':>10} {'driver CPU-s':>12} {'driver rows/CPU-s':>17} {'driver peak':>12}")
     for name, s in stages.items():
         rate = s["rows"] / s["seconds"]
         per = cpus if name in ("ingest", "score") else 1  # select and report run in the driver
@@ -394,7 +415,7 @@ def main() -> None:
                  rows_per_cpu_s=round(s["rows"] / max(s["cpu_s"], 1e-9), 1),
                  driver_rows_per_cpu_s=round(s["rows"] / max(s["driver_cpu_s"], 1e-9), 1))
         print(f"{name:8} {s['rows']:>10,} {s['seconds']:>8.1f} {rate:>9,.0f} {rate / per:>10,.0f} {s['cpu_s']:>8.1f} {s['rows_per_cpu_s']:>10,.0f} "
-              f"{s['driver_cpu_s']:>12.1f} {s['driver_rows_per_cpu_s']:>17,.0f}")
+              f"{s['driver_cpu_s']:>12.1f} {s['driver_rows_per_cpu_s']:>17,.0f} {mib(s['driver_peak_rss']):>12}")
     print(f"peak RSS: driver {mib(sampler.driver_peak)}; largest Ray worker {mib(sampler.worker_peak)} ({sampler.worker_peak_name}); "
           f"Ray workers together {mib(sampler.workers_sum_peak)}; every cluster process together {mib(sampler.cluster_sum_peak)} "
           f"({sampler.samples} samples every {args.sample_s} s)")

@@ -1,6 +1,6 @@
 """``python -m flows <serve|relay|up|down|where|run|evaluate>``
 
-serve   serve the deployments curate/quality-set, train-qt/train-qt and evaluate/ab-test (a long-running process)
+serve   serve the deployments curate/quality-set, train-qt/train-qt, evaluate/ab-test and preference/dpo (a long-running process)
 relay   resume suspended curate and evaluate runs when their annotation round completes (a long-running process)
 up      start the local stack: Prefect server, serve, relay, Label Studio (PID files in .run/)
 down    stop all of them by PID
@@ -21,7 +21,7 @@ from pathlib import Path
 #: runs of each deployment that may be *running* at once (Prefect's deployment concurrency limit; more wait
 #: in AwaitingConcurrencySlot). A suspended run holds no slot, so runs waiting on people never block others;
 #: one curation's scoring, one training, one evaluation's generation already fill a host's Ray, GPU or CPUs.
-CONCURRENCY = {"quality-set": 1, "train-qt": 1, "ab-test": 1}
+CONCURRENCY = {"quality-set": 1, "train-qt": 1, "ab-test": 1, "dpo": 1}
 
 
 def serve() -> None:
@@ -30,6 +30,8 @@ def serve() -> None:
     from flows.curate import curate
     from flows.evaluate import DEPLOYMENT as EVAL_DEPLOYMENT
     from flows.evaluate import evaluate
+    from flows.preference import DEPLOYMENT as PREF_DEPLOYMENT
+    from flows.preference import preference
     from flows.train import train_qt
 
     prefect_serve(
@@ -44,6 +46,9 @@ def serve() -> None:
         evaluate.to_deployment(name=EVAL_DEPLOYMENT, concurrency_limit=CONCURRENCY[EVAL_DEPLOYMENT],
                                description="did quality-tuning help? generations, automatic judges, human A/B "
                                "rounds in Label Studio, report"),
+        preference.to_deployment(name=PREF_DEPLOYMENT, concurrency_limit=CONCURRENCY[PREF_DEPLOYMENT],
+                                 description="preference tuning: candidates, best/worst round or AI feedback, "
+                                 "Diffusion-DPO / SimPO, evaluation"),
     )
 
 

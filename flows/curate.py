@@ -136,14 +136,37 @@ def _settings():
 
 
 def _push_key(ctx, p) -> str:
-    return stage_key(f"push-{p['round_name']}", [p["campaign"], p["target"]], [p["pool"]], True)
+    order = [p["order"]] if p.get("order") else []
+    return stage_key(f"push-{p['round_name']}", [p["campaign"], p["target"]], [p["pool"], *order], True)
 
 
 @task(name="push-round", cache_key_fn=_push_key, persist_result=True, retries=2, retry_delay_seconds=10)
-def push_stage(pool: str, round_name: str, target: int, campaign: str, work: str) -> dict:
+def push_stage(pool: str, round_name: str, target: int, campaign: str, work: str, order: str | None = None) -> dict:
+    """``order``: a ranking.parquet (annotation/active.py); its likely keeps are imported, so served, first."""
+    from annotation.active import task_priority
     from annotation.curation import push_round
 
-    return _as_dict(push_round(Path(pool), _round(round_name, target), campaign, Path(work), _settings()))
+    priority = task_priority(Path(order)) if order else None
+    return _as_dict(push_round(Path(pool), _round(round_name, target), campaign, Path(work), _settings(),
+                               priority=priority))
+
+
+# never cached: it learns from the round just decided, and is cheap next to the round itself
+@task(name="learn-keep-probability", cache_policy=NO_CACHE)
+def active_stage(run_dir: str, work: str) -> str | None:
+    """A keep-probability head on the finished rounds' votes; the ranking's path (uniform when no head
+    beats a constant, so the order is then the pool's own), or None when the run cannot teach one."""
+    from annotation.active import ActiveError, learn
+
+    try:
+        result = learn(Path(run_dir), Path(work))
+    except ActiveError as error:  # e.g. no stored features: said here, and the round keeps the pool's order
+        print(f"learned order not used: {error}")
+        return None
+    create_markdown_artifact(
+        f"## keep-probability heads\n\n```json\n{json.dumps(result.to_dict(), indent=2, default=str)[:20000]}\n```",
+        key="keep-probability", description="held-out AUC and calibration per round; proposed threshold changes")
+    return str(result.ranking)
 
 
 @task(name="simulated-annotators", retries=2, retry_delay_seconds=10)
@@ -181,10 +204,12 @@ def pull_stage(pool: str, round_name: str, target: int, campaign: str, work: str
     return str(next_pool)
 
 
-def human_round(round_name: str, pool: str, params: CurateParams, campaign: str, work: Path) -> str:
-    """Push the pool, wait for people (suspended), then pull, decide and return the next round's pool."""
+def human_round(round_name: str, pool: str, params: CurateParams, campaign: str, work: Path,
+                order: str | None = None) -> str:
+    """Push the pool (in ``order``'s ranking when given), wait for people (suspended), then pull, decide
+    and return the next round's pool."""
     target = params.generalist_target if round_name == "generalist" else params.specialist_target
-    push_stage(pool, round_name, target, campaign, str(work))
+    push_stage(pool, round_name, target, campaign, str(work), order)
     if params.annotator_mode == "simulated":
         # recall round: each simulated annotator keeps ~half; precision round: most of what reaches it
         simulate_stage(round_name, target, campaign, 0.5 if round_name == "generalist" else 0.8)
@@ -247,7 +272,8 @@ def _curate(params: CurateParams) -> dict:
     work = layout.annotation
     campaign = campaign_name(params.run_dir)
     generalist_pool = human_round("generalist", str(layout.pool), params, campaign, work)
-    specialist_pool = human_round("specialist", generalist_pool, params, campaign, work)
+    order = active_stage(params.run_dir, str(work)) if params.learned_order else None
+    specialist_pool = human_round("specialist", generalist_pool, params, campaign, work, order)
     curated = export_stage(specialist_pool, str(work))
     result = {"report": report, "curated": curated, "pool": str(layout.pool)}
     if params.train:

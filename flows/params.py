@@ -128,6 +128,9 @@ class CurateParams(FlowParams):
     round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long a suspended round may wait for people")
     backend: Literal["ray", "local"] = Field(
         "ray", description="where ingest and the scorers run: ray (RAY_ADDRESS's cluster or a local Ray) or local (this machine: a process pool for ingest, in-process scoring)")
+    learned_order: bool = Field(False, description="after the generalist round, learn a keep-probability from its "
+                                "votes (annotation/active.py) and import the specialist round's likely keeps first; "
+                                "a head that does not beat a constant leaves the pool's order")
     train: bool = Field(False, description="start the train-qt flow on the curated set at the end")
     preset: str = Field("tiny", description="model preset for training (tiny, mid, sd15, ...; model/presets)")
     train_overrides: list[str] = Field(default_factory=list, description="preset fields to override, as key=value")

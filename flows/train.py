@@ -36,6 +36,10 @@ def train_qt(**values: Any) -> dict:
     with run_dir_lock(params.out_dir):
         result = train_quality_tuned(data, Path(params.out_dir), params.preset, overrides=params.overrides,
                                      progress=False)
+    from model.export import write_lineage
+
+    for folder in {f for f in (result.checkpoint, result.stages[-1].final) if f.is_dir()}:  # curated set and config
+        write_lineage(folder, data, Path(params.out_dir) / "config.yaml")
     create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="quality-tuned pipeline",
                          key="checkpoint")
     summary = {"data": str(data), "checkpoint": str(result.checkpoint), "base": str(result.base),

@@ -7,6 +7,7 @@
     python -m model sample    --checkpoint OUT/quality_tune/best --prompt "a red fox" --out fox.png
     python -m model generate  --checkpoint base=BASE --checkpoint tuned=TUNED --prompts parti --n 64 --seeds 2 --out RUN/generate
     python -m model judge     --run RUN [--reference POOL_OR_IMAGES]
+    python -m model train-pref --checkpoint CKPT --pairs PAIRS.parquet --out OUT [--set preference.objective=simpo]
     python -m model weights   [--preset sd15]   (stage the judges' and sample.score's weights, with network)
 
 ``--set key=value`` overrides any config field (``--set quality_tune.max_steps=500``). Multi-GPU:
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--width", type=int)
     s.add_argument("--seed", type=int, default=0)
     _add_evaluation_parsers(sub)
+    t = sub.add_parser("train-pref", help="preference tuning (Diffusion-DPO or SimPO, with the pixel-space term) on pairs")
+    t.add_argument("--checkpoint", required=True, help="the starting pipeline folder: needles' own, or an SD 1.x/2.x or "
+                                                        "SDXL base (folder or staged hub id)")
+    t.add_argument("--pairs", required=True, type=Path, help="a preference pairs Parquet (python -m annotation pref-export)")
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--preset", help="for a public base: the preset whose preference section applies (default public-full)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. preference.objective=simpo, preference.pixel_loss_weight=2, preference.feedback=[ai]")
     w = sub.add_parser("weights", help="stage the evaluation's weights (ImageNet MobileNetV2 for KID/FD, and the "
                                        "preset's sample.score CLIP/aesthetic weights) where there is network")
     w.add_argument("--preset", help="also stage what this preset's sample.score needs (tiny | mid | sd15 | YAML)")
@@ -84,6 +93,10 @@ def _run(args: argparse.Namespace) -> int:
         if not _is_main_process():
             return 0  # under a multi-process launch, rank 0 reports
         qt = result.stages[-1]
+        from model.export import write_lineage
+
+        for folder in {f for f in (result.checkpoint, qt.final) if f.is_dir()}:  # which curated set and config made them
+            write_lineage(folder, args.data, args.out / "config.yaml")
         print(f"quality-tuned checkpoint (best, step {qt.best_step}): {result.checkpoint}")
         print(f"final checkpoint (step {qt.steps}, stopped: {qt.stopped}): {qt.final}")
         print(f"sample grids: {qt.out_dir / 'samples'} ({len(result.grids)} grids, last {result.grids[-1].name})")
@@ -113,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"autoencoder in {args.out / 'autoencoder'}: " +
               (f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}" if metrics else "already trained"))
         return 0
+    if args.command == "train-pref":
+        return _train_pref(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "judge":
@@ -143,6 +158,20 @@ def _weights(args: argparse.Namespace) -> int:
 
     for base in args.base:
         print(f"{base}: {stage_base(base)}")
+    return 0
+
+
+def _train_pref(args: argparse.Namespace) -> int:
+    from model.train_pref import train_preference
+
+    result = train_preference(args.checkpoint, args.pairs, args.out, preset=args.preset, overrides=args.overrides)
+    last = result.history[-1] if result.history else {}
+    print(f"preference-tuned checkpoint (lowest held-out loss): {result.checkpoint}")
+    print(f"final checkpoint (step {result.steps}, stopped: {result.stopped}): {result.final}")
+    print(f"pairs: {result.pairs}; beta {result.beta:.4g}")
+    if last:
+        print(f"held-out preference accuracy {last['val_preference_accuracy']:.3f}, reward margin "
+              f"{last['val_reward_margin']:.4g} (step {last['step']}); report: {result.out_dir / 'report.json'}")
     return 0
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+import warnings
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +26,10 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 class ConfigError(UserError, ValueError):
     """The training config cannot be used as given: an unknown preset, a bad override, or a field that
     fails validation (the message names its dotted path, e.g. ``quality_tune.max_step``)."""
+
+
+class ConfigWarning(UserWarning):
+    """The config is valid but asks for something its papers advise against (see ``config_warnings``)."""
 
 
 class _Strict(BaseModel):
@@ -53,7 +58,7 @@ class AutoencoderConfig(_Strict):
     layers_per_block: int = 1
     norm_num_groups: int = 32
     fourier_frequencies: int = 0  # 0 = plain RGB input; n lifts RGB to 3 + 6n channels (Emu §3.1)
-    adversarial_weight: float = 0.0  # 0 = no discriminator
+    adversarial_weight: float = 0.0  # 0 = no discriminator; else x the adaptive weight (Taming Transformers eq. 7)
     kl_weight: float = 1e-6
     train_steps: int = 200
     train_batch_size: int = 8
@@ -148,8 +153,15 @@ class StageConfig(_Strict):
     micro_batch_size: int | None = None  # null = batch_size (no accumulation)
     learning_rate: float = 1e-5
     warmup_steps: int = 0
-    noise_offset: float = 0.0
-    pixel_loss_weight: float = 0.0  # λ of PS eq. 3; 0 = latent loss only
+    noise_offset: float = 0.0  # Emu's offset noise; a DDPM remedy, unneeded with schedule edm (ConfigWarning)
+    # λ of PS eq. 3 (L = latent_loss_weight · L_latent + λ L_pixel); 0 = latent loss only. "auto": λ is
+    # measured at the start of the stage "to balance the magnitudes" (PS §4, implementation details): the
+    # mean latent and pixel terms over pixel_loss_calibration_batches training batches with its initial weights give
+    # λ = pixel_loss_balance x mean latent / mean pixel (recorded in report.json; a resumed run reuses it)
+    pixel_loss_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
+    pixel_loss_calibration_batches: int = Field(8, ge=1)
+    pixel_loss_balance: float = Field(1.0, gt=0)  # target λ·L_pixel / L_latent of "auto"
+    latent_loss_weight: float = Field(1.0, ge=0)  # 0 with λ > 0: pixel loss only (PS Table 5's "Pixel" row)
     caption_dropout: float = 0.1  # share of captions replaced by "" so classifier-free guidance works
     ema_decay: float | None = 0.9999  # null = no EMA
     grad_clip: float | None = 1.0
@@ -175,13 +187,25 @@ class StageConfig(_Strict):
                              f"micro_batch_size {self.micro_batch}")
         if self.resolution is not None and self.resolution % 64:
             raise ValueError(f"stage {self.name}: resolution {self.resolution} must be a multiple of 64")
+        if self.latent_loss_weight == 0 and self.pixel_loss_weight == 0:
+            raise ValueError(f"stage {self.name}: latent_loss_weight and pixel_loss_weight are both 0, so nothing "
+                             f"would be trained; set either above 0")
         return self
+
+    @property
+    def uses_pixel_loss(self) -> bool:
+        return self.pixel_loss_weight == "auto" or self.pixel_loss_weight > 0
 
 
 class DataConfig(_Strict):
     missing_captions: Literal["skip", "error"] = "skip"  # skip = drop the row and count it in the report
     # aspect ratios (w/h) of the buckets; every bucket has about resolution² pixels, sides multiples of 64
     bucket_aspect_ratios: list[float] = [1.0, 0.75, 1.333, 0.5625, 1.778]
+    # the sampler's share of draws per bucket ∝ size^alpha (0 = every bucket equally, Playground v2.5 §3.2;
+    # 1 = by size), capped so no image is drawn more than max_repeat_ratio x as often as the average image
+    # (null = no cap); the defaults' measured effect is in model/data.py's BalancedBucketSampler
+    bucket_weight_alpha: float = Field(0.5, ge=0, le=1)
+    max_repeat_ratio: float | None = Field(4.0, ge=1)
 
 
 class SampleScoreConfig(_Strict):
@@ -253,6 +277,37 @@ class SampleConfig(_Strict):
     score: SampleScoreConfig | None = None
 
 
+class PreferenceConfig(_Strict):
+    """Preference tuning on (winner, loser) pairs (PS §3.2, eqs. 4-7; model/preference.py, model/train_pref.py):
+    ``dpo`` (Diffusion-DPO, a frozen copy of the starting UNet as reference) or ``simpo`` (no reference,
+    margin ``simpo_gamma``), with the pixel-space term weighted by ``pixel_loss_weight`` (μ of eq. 7; the
+    paper uses 2-8). ``beta``/``pixel_beta`` null = calibrated on the first batch so |β δ| ≈ 1.
+    ``feedback``: the pair sources this run trains on (``human`` Label Studio votes, ``ab_round`` the
+    evaluation stage's A/B votes, ``ai`` an automatic judge): pairs of any other source are refused, so
+    AI feedback never mixes with human votes unless listed."""
+
+    objective: Literal["dpo", "simpo"] = "dpo"
+    beta: float | None = Field(None, gt=0)
+    pixel_beta: float | None = Field(None, gt=0)
+    simpo_gamma: float = Field(0.0, ge=0)
+    pixel_loss_weight: float = Field(0.0, ge=0)
+    feedback: list[Literal["human", "ab_round", "ai"]] = Field(default_factory=lambda: ["human"], min_length=1)
+    resolution: int | None = None  # image side the pairs are cropped to; null = the UNet's native size
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)  # pairs per step
+    learning_rate: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    weight_decay: float = Field(5e-6, ge=0)  # PS §4: Adam with weight decay 5e-6
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    noise_offset: float = 0.0
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # held-out pairs for preference accuracy and margin
+    eval_every: int = Field(100, ge=1)
+    lora: LoraConfig | None = None  # null = the whole UNet trains; else an adapter (the reference = adapter off)
+    gradient_checkpointing: bool = False
+
+
 class Config(_Strict):
     preset: str = "custom"
     seed: int = 0
@@ -265,6 +320,7 @@ class Config(_Strict):
     sample: SampleConfig = SampleConfig()
     pretrain: list[StageConfig] = Field(default_factory=list)
     quality_tune: StageConfig
+    preference: PreferenceConfig = PreferenceConfig()
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -313,10 +369,25 @@ def load_config(preset_or_path: str | Path, overrides: list[str] | None = None) 
             raise ConfigError(f"override {item!r}: {key.strip()!r} is not a field path of the config "
                               f"({type(error).__name__}: {error})") from None
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as error:
         problems = [_located(e) for e in error.errors()]
         raise ConfigError(f"config {preset_or_path}: " + "; ".join(problems)) from None
+    for message in config_warnings(cfg):
+        warnings.warn(f"config {preset_or_path}: {message}", ConfigWarning, stacklevel=2)
+    return cfg
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What a valid config asks for against its papers' advice. Offset noise with the EDM schedule:
+    Playground v2.5 §2.1 drops it because EDM's near-zero terminal SNR already lets the model shift mean
+    brightness. A warning rather than an error: the offset is still applied as configured, so an ablation
+    can measure it (and configs that switch a DDPM preset to edm by override keep loading)."""
+    if cfg.diffusion.schedule != "edm":
+        return []
+    offset = [f"{s.name} (noise_offset {s.noise_offset})" for s in [*cfg.pretrain, cfg.quality_tune] if s.noise_offset]
+    return [f"diffusion.schedule=edm with offset noise in {', '.join(offset)}: EDM reaches near-zero terminal "
+            f"SNR, so offset noise is unnecessary (Playground v2.5 §2.1); set noise_offset=0 in those stages"] if offset else []
 
 
 def _located(error: dict) -> str:

@@ -9,11 +9,14 @@ Inputs (the curated set or the pool):
 Every image goes to the aspect-ratio bucket nearest its own (Playground v2.5 §3.2), is resized to cover
 the bucket and centre-cropped, encoded once by the autoencoder, and its caption once by the text
 encoder; both are written to disk as ``.npy`` (memory-mapped on read) so a 200K-image pool does not need
-to fit in RAM. The sampler then draws every bucket equally often, not in proportion to its size.
+to fit in RAM. The sampler then draws the buckets by size^alpha with a cap on how often any image repeats
+(BalancedBucketSampler): not in proportion to size, so rare aspect ratios are learned, and not equally,
+so a small bucket's few images are not memorised.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -328,36 +331,99 @@ def split_validation(sizes: list[int], val_fraction: float, seed: int) -> tuple[
     return train, val
 
 
-class BalancedBucketSampler:
-    """Batches drawn from one bucket at a time, every bucket equally often (Playground v2.5 §3.2).
+def bucket_weights(sizes: list[int], alpha: float, max_repeat_ratio: float | None) -> list[float]:
+    """The share of draws of each bucket: ∝ size^alpha (0 = every bucket equally, Playground v2.5 §3.2's
+    balance; 1 = in proportion to size, every image equally), then, with ``max_repeat_ratio`` r, no
+    bucket's images are drawn more than r times as often as the average image: a share above
+    r x size / total is cut to it and the surplus spread over the other buckets by their weights (water
+    filling; r >= 1 always has a solution, since the proportional shares meet it)."""
+    total = sum(sizes)
+    base = [n**alpha for n in sizes]
+    shares = [b / sum(base) for b in base]
+    if max_repeat_ratio is None:
+        return shares
+    caps = [max_repeat_ratio * n / total for n in sizes]
+    fixed: set[int] = set()
+    while True:
+        over = [b for b in range(len(sizes)) if b not in fixed and shares[b] > caps[b] + 1e-12]
+        if not over:
+            return shares
+        fixed.update(over)
+        free = [b for b in range(len(sizes)) if b not in fixed]
+        left = 1.0 - sum(caps[b] for b in fixed)
+        shares = [caps[b] if b in fixed else left * base[b] / sum(base[f] for f in free) for b in range(len(sizes))]
 
-    Deterministic in (seed, draw): the draws come in rounds that visit each bucket once in a seeded
-    random order, and the j-th visit to bucket b takes the next ``batch_size`` items of b's stream of
-    seeded permutations (a fresh permutation per pass over b). So ``batch(draw)`` needs no state, and a
-    resumed run sees exactly the batches the uninterrupted run would have.
+
+class BalancedBucketSampler:
+    """Batches drawn from one bucket at a time, each bucket with a share of the draws ∝ size^alpha, capped
+    so no image repeats more than ``max_repeat_ratio`` times the average (``bucket_weights``).
+
+    Why not Playground v2.5 §3.2's plain equal draw (alpha = 0, no cap; still the class default)? In a
+    curated set the buckets are very unequal: in a 2,000-image set of buckets 1500/300/150/30/20 it shows
+    each image of the 20-image bucket 20.0x as often as the average image and 75x as often as a square
+    one (counted over 50 rounds of draws: tests/model/test_review_fixes.py), so those few images are
+    memorised. The config's default (``data.bucket_weight_alpha`` 0.5, ``data.max_repeat_ratio`` 4)
+    measures 4.0x the average and 5.9x a square image there (the cap holds to the 1/4096 rounding of the
+    shares), while the two smallest buckets still get 4x their proportional share of the draws, so the
+    rare aspect ratios stay represented. alpha = 1 would show every image equally (1.0x) but give the
+    20-image bucket only 1% of the draws.
+
+    Deterministic in (seed, draw): the draws come in rounds of ``sum(slots)`` draws in which bucket b
+    has ``slots[b]`` (its share of the round, at least 1, divided by the counts' gcd: equal shares give
+    rounds of one visit per bucket) in a seeded random order, and the j-th visit to bucket b takes the
+    next ``batch_size`` items of b's stream of seeded permutations (a fresh permutation per pass over
+    b). So ``batch(draw)`` needs no state, and a resumed run sees exactly the batches the uninterrupted
+    run would have.
     """
 
-    def __init__(self, members: list[list[int]], batch_size: int, seed: int):
+    ROUND = 4096  # draws per round before the gcd reduction: shares resolved to ~1/4096
+
+    def __init__(self, members: list[list[int]], batch_size: int, seed: int, alpha: float = 0.0,
+                 max_repeat_ratio: float | None = None):
         self.members = [m for m in members]
         self.active = [b for b, m in enumerate(members) if m]
         if not self.active:
             raise DataError("no training images in any bucket")
         self.batch_size = batch_size
         self.seed = seed
+        shares = bucket_weights([len(members[b]) for b in self.active], alpha, max_repeat_ratio)
+        slots = [max(1, round(w * self.ROUND)) for w in shares]
+        divisor = math.gcd(*slots)
+        self.slots = [c // divisor for c in slots]
+        self.round_length = sum(self.slots)
+        self._slot_bucket = np.repeat(np.arange(len(self.active)), self.slots)
+
+    def repeat_ratios(self) -> list[float]:
+        """Per active bucket: how often each of its images is drawn relative to the average image."""
+        total = sum(len(self.members[b]) for b in self.active)
+        return [c / self.round_length * total / len(self.members[b]) for b, c in zip(self.active, self.slots)]
+
+    @functools.lru_cache(maxsize=4)
+    def _round_order(self, rnd: int) -> np.ndarray:
+        """The active-bucket index of each draw of round ``rnd`` (a pure function, cached for speed)."""
+        return self._slot_bucket[np.random.default_rng([self.seed, 0, rnd]).permutation(self.round_length)]
+
+    @functools.lru_cache(maxsize=16)
+    def _permutation(self, bucket: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, bucket, epoch]).permutation(len(self.members[bucket]))
+
+    def _visit(self, draw: int) -> tuple[int, int]:
+        """(index into ``active``, how many earlier draws visited that bucket)."""
+        rnd, pos = divmod(draw, self.round_length)
+        order = self._round_order(rnd)
+        k = int(order[pos])
+        return k, rnd * self.slots[k] + int(np.count_nonzero(order[:pos] == k))
 
     def bucket_of(self, draw: int) -> int:
-        rnd, pos = divmod(draw, len(self.active))
-        order = np.random.default_rng([self.seed, 0, rnd]).permutation(len(self.active))
-        return self.active[order[pos]]
+        return self.active[self._visit(draw)[0]]
 
     def batch(self, draw: int) -> tuple[int, list[int]]:
-        bucket = self.bucket_of(draw)
-        visit = draw // len(self.active)
+        k, visit = self._visit(draw)
+        bucket = self.active[k]
         members = self.members[bucket]
         n = len(members)
         out = []
         for pos in range(visit * self.batch_size, (visit + 1) * self.batch_size):
             epoch, offset = divmod(pos, n)
-            perm = np.random.default_rng([self.seed, 1, bucket, epoch]).permutation(n)
-            out.append(members[perm[offset]])
+            out.append(members[self._permutation(bucket, epoch)[offset]])
         return bucket, out

@@ -3,6 +3,7 @@ the images it samples during training (grids of the fixed prompts, the sample sc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +50,27 @@ def export_pipeline(out: Path, unet, frozen: Frozen, cfg: Config, scaling_factor
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def config_hash(config_file: Path) -> str:
+    """16 hex of the sha256 of the training config as canonical JSON (key order and YAML layout aside)."""
+    import yaml
+
+    data = yaml.safe_load(Path(config_file).read_text())
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_lineage(folder: Path, data_dir: Path, config_file: Path) -> Path:
+    """Record in a checkpoint folder the curated set it was tuned on (path and id) and the config (path
+    and hash); ``python -m annotation lineage FOLDER`` follows it back to the votes and the sources."""
+    from annotation.lineage import LINEAGE_FILE, curated_set_id
+
+    data_dir = Path(data_dir).resolve()
+    record = {"curated_set": str(data_dir), "curated_set_id": curated_set_id(data_dir),
+              "config": str(Path(config_file).resolve()), "config_hash": config_hash(config_file)}
+    path = Path(folder) / LINEAGE_FILE
+    path.write_text(json.dumps(record, indent=1))
+    return path
 
 
 @torch.no_grad()

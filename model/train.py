@@ -49,7 +49,7 @@ from model.config import Config, ConfigError, StageConfig, load_config
 from model.data import (BalancedBucketSampler, DataError, LatentCache, build_cache, crop_to_bucket,
                         read_captioned, split_validation)
 from model.export import export_pipeline, sample_grid, score_selection
-from model.objective import diffusion_loss, generator, training_alphas_cumprod
+from model.objective import balance_pixel_loss, diffusion_loss, generator, training_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class StageResult:
     data_report: dict = field(default_factory=dict)
     processes: int = 1  # data-parallel processes (GPUs) that trained it
     accumulation_steps: int = 1  # micro-batches per optimizer step in each process
+    pixel_loss_weight: float = 0.0  # the λ it trained with (the calibrated one for "auto")
+    # "auto" only: the measured mean terms, their ratio and the λ chosen from them (objective.balance_pixel_loss)
+    pixel_calibration: dict | None = None
 
 
 @dataclass
@@ -154,7 +157,8 @@ class StageRun:
             raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not a multiple of micro_batch {stage.micro_batch} x "
                              f"{self.world} processes")
         self.accumulation = stage.batch_size // (stage.micro_batch * self.world)
-        self.sampler = BalancedBucketSampler(self.train_idx, stage.micro_batch, cfg.seed)
+        self.sampler = BalancedBucketSampler(self.train_idx, stage.micro_batch, cfg.seed, cfg.data.bucket_weight_alpha,
+                                             cfg.data.max_repeat_ratio)
         unet, scaling_factor = self._unet()
         self.params = [p for p in unet.parameters() if p.requires_grad]  # all, or the LoRA adapter's
         optimizer = _optimizer(stage, self.params)
@@ -178,7 +182,51 @@ class StageRun:
         self.sample_size = _bucket_hw(self.cache)
         # a scorer with its own prompt selection (PipelineSampleScorer) scores those x its seeds
         self.selection = getattr(sample_scorer, "selection_record", lambda: None)()
+        if stage.pixel_loss_weight == "auto":
+            self._resolve_pixel_loss_weight(resumed=resume is not None)
         acc.init_trackers(stage.name)
+        if stage.pixel_loss_weight == "auto":
+            calibration = self.state["pixel_calibration"]
+            acc.log({"pixel_loss_weight": calibration["pixel_loss_weight"],
+                     "pixel_to_latent_ratio": calibration["pixel_to_latent"]}, step=self.state["step"])
+
+    def _resolve_pixel_loss_weight(self, resumed: bool) -> None:
+        """``pixel_loss_weight: auto``: λ measured once, before the first step, and kept in the loop's
+        state, so a resumed run trains on with the λ it started with (recalibrating on trained weights
+        would change the objective mid-run)."""
+        from accelerate.utils import broadcast_object_list
+
+        calibration = self.state.get("pixel_calibration")
+        if calibration is None:
+            if resumed:
+                log.warning("%s: the checkpoint records no calibrated pixel-loss weight; measuring it on the resumed "
+                            "weights", self.stage.name)
+            # rank 0's measurement for every rank, so all optimise the same objective
+            calibration = broadcast_object_list([self.calibrate_pixel_loss()], from_process=0)[0]
+            self.state["pixel_calibration"] = calibration
+            log.info("%s: pixel-space loss calibrated on %d batches: mean latent %.4g, mean pixel %.4g (pixel/latent "
+                     "%.4g); λ = %.4g for λ·pixel/latent = %g", self.stage.name, calibration["batches"],
+                     calibration["latent"], calibration["pixel"], calibration["pixel_to_latent"],
+                     calibration["pixel_loss_weight"], calibration["balance"])
+        else:
+            log.info("%s: reusing the calibrated pixel-loss weight λ = %.4g from the checkpoint", self.stage.name,
+                     calibration["pixel_loss_weight"])
+        self.stage = self.stage.model_copy(update={"pixel_loss_weight": calibration["pixel_loss_weight"]})
+
+    def calibrate_pixel_loss(self) -> dict:
+        """PS §4 (implementation details) sets λ "to balance the pixel loss magnitude and latent loss magnitude": the unweighted
+        latent and pixel terms of the first ``pixel_loss_calibration_batches`` draws of the sampler (the
+        batches training starts with) with the current weights, no optimizer step, noise from its own
+        seeded stream (so it replays exactly), -> objective.balance_pixel_loss."""
+        stage = self.stage
+        probe = stage.model_copy(update={"pixel_loss_weight": 1.0, "latent_loss_weight": 1.0})
+        model, terms = self.accelerator.unwrap_model(self.unet), []
+        with torch.no_grad():
+            for draw in range(stage.pixel_loss_calibration_batches):
+                z, cond = self.cache.gather(*self.sampler.batch(draw))
+                with self.accelerator.autocast():
+                    terms.append(self.loss(model, z, cond, generator(self.cfg.seed, 3, draw), probe)[1])
+        return balance_pixel_loss(terms, stage.pixel_loss_balance)
 
     def _unet(self):
         """(UNet, latent scaling factor). The scale is inherited from the base (its UNet learned that
@@ -198,7 +246,7 @@ class StageRun:
             attach_lora(unet, stage.lora)
         if stage.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            if stage.pixel_loss_weight and getattr(self.frozen.vae, "_supports_gradient_checkpointing", False):
+            if stage.uses_pixel_loss and getattr(self.frozen.vae, "_supports_gradient_checkpointing", False):
                 self.frozen.vae.enable_gradient_checkpointing()  # the pixel loss backpropagates through it
         unet.train()
         return unet, scaling_factor
@@ -218,11 +266,11 @@ class StageRun:
             if self.ema is not None:
                 self.ema.restore(self.params)
 
-    def loss(self, model, z: torch.Tensor, cond: dict, gen: torch.Generator):
+    def loss(self, model, z: torch.Tensor, cond: dict, gen: torch.Generator, stage: StageConfig | None = None):
         device = self.accelerator.device
         cond = {k: v.to(device) for k, v in cond.items()}
-        return diffusion_loss(model, z.to(device) * self.state["scaling_factor"], cond, self.cfg, self.stage, gen,
-                              self.alphas_bar, self.decode)
+        return diffusion_loss(model, z.to(device) * self.state["scaling_factor"], cond, self.cfg, stage or self.stage,
+                              gen, self.alphas_bar, self.decode)
 
     def train_step(self, step: int) -> tuple[float, dict] | None:
         """One optimizer step = ``accumulation`` micro-batches, each from one bucket; None on a non-finite
@@ -372,7 +420,8 @@ def run_stage(cfg: Config, stage: StageConfig, data_dir: Path, out_dir: Path, fr
                          steps=state["step"], stopped=stopped, best_step=state["best_step"],
                          best_val_loss=best_eval.get("val_loss"), best_sample_score=best_eval.get("sample_score"),
                          data_report=run.cache.meta["report"], processes=run.world,
-                         accumulation_steps=run.accumulation)
+                         accumulation_steps=run.accumulation, pixel_loss_weight=float(run.stage.pixel_loss_weight),
+                         pixel_calibration=state.get("pixel_calibration"))
     if main:
         extra = {"history": state["history"]} | ({"selection_prompts": run.selection} if run.selection else {})
         (out_dir / "report.json").write_text(json.dumps(asdict(result) | extra, default=str, indent=1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -357,14 +358,16 @@ def _draw_sheets(src: _Sources, sheets: list[_Sheet], size: int, out: Path) -> l
 
 
 def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig, any_reason: list[tuple],
-          figures: list[str], concepts: list[tuple], sheets: list[dict], captions: list[tuple]) -> str:
+          figures: list[str], concepts: list[tuple], sheets: list[dict], captions: list[tuple],
+          learned: str = "") -> str:
     e = html.escape
     rows_in = rows[0]["rows"] or 1
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>needles selection report: {e(run_dir.name)}</title>",
            f"<style>{_STYLE}</style></head><body>",
            f"<h1>Selection report</h1><p class='muted'>{e(str(run_dir))}</p>",
            ("<nav><a href='#funnel'>funnel</a><a href='#sources'>sources</a><a href='#filters'>filters</a><a href='#scores'>scores</a>"
-            "<a href='#concepts'>concepts</a><a href='#sheets'>contact sheets</a></nav>")]
+            "<a href='#concepts'>concepts</a><a href='#sheets'>contact sheets</a>"
+            + ("<a href='#learned'>learned from the annotators</a>" if learned else "") + "</nav>")]
     kept = rows[-1]["rows"]
     dropped = sum(r["rows"] for r in rows if r["stage"] not in _NOT_DROPS + ("quarantined", "exact duplicates"))
     quarantined = sum(r["rows"] for r in rows if r["stage"] in ("quarantined", "exact duplicates"))
@@ -427,7 +430,43 @@ def _html(run_dir: Path, rows: list[dict], summary: dict, config: PipelineConfig
     for sheet in sheets:
         out.append(f"<h3>{e(sheet['title'])}</h3><p class='muted'>{sheet['shown']} of {sheet['total']:,} rows</p>"
                    f"<p><img src='{e(sheet['file'])}' alt='{e(sheet['title'])}'></p>")
+    out.append(learned)
     out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _learned(layout: RunLayout) -> str:
+    """What the annotators' votes taught (annotation/active.py, after ``python -m annotation active``):
+    each round's head with its held-out AUC, and the proposed threshold changes. Shown, never applied:
+    a person edits the config and reruns select."""
+    from annotation.layout import ActiveLayout
+
+    active = ActiveLayout(layout.annotation)
+    if not active.summary.exists():
+        return ""
+    e = html.escape
+    summary = json.loads(active.summary.read_text())
+    out = ["<h2 id='learned'>Learned from the annotators (proposals, not applied)</h2>",
+           f"<p class='muted'>keep-probability heads on the {e(summary['features'])} features, trained on each finished "
+           f"round's votes ({e(str(active.root))}); out-of-fold figures</p>",
+           "<table><tr><th>round</th><th>images</th><th>votes</th><th>kept share</th><th>AUC (95% CI)</th>"
+           "<th>Brier / constant</th><th>ECE</th><th>used to rank</th></tr>"]
+    for r in summary["rounds"]:
+        out.append(f"<tr><td>{e(r['round'])}</td><td class='n'>{r['images']:,}</td><td class='n'>{r['votes']:,}</td>"
+                   f"<td class='n'>{r['positive_share']:.2f}</td><td class='n'>{r['auc']:.2f} ({r['auc_ci'][0]:.2f}-"
+                   f"{r['auc_ci'][1]:.2f})</td><td class='n'>{r['brier']:.3f} / {r['brier_constant']:.3f}</td>"
+                   f"<td class='n'>{r['ece']:.3f}</td><td>{'yes' if r['beats_constant'] else 'no: not better than a constant'}</td></tr>")
+    out.append("</table>")
+    out += [f"<p class='muted'>{e(name)}: no head ({e(why)})</p>" for name, why in summary["skipped_rounds"].items()]
+    if not summary["proposals"]:
+        out.append("<p class='muted'>no threshold change proposed</p>")
+        return "\n".join(out)
+    out.append("<table><tr><th>filter</th><th>current</th><th>proposed</th><th>kind</th><th>rows</th><th>evidence</th></tr>")
+    for p in summary["proposals"]:
+        out.append(f"<tr><td>{e(p['filter'])} ({e(p['column'])} {e(p['op'])})</td><td class='n'>{_fmt(p['current'])}</td>"
+                   f"<td class='n'>{_fmt(p['proposed'])}</td><td>{e(p['direction'])}</td><td class='n'>{p['rows_affected']:,}</td>"
+                   f"<td>{e(p['evidence'])}</td></tr>")
+    out.append("</table><p class='muted'>to apply one, change it in the config and rerun select and report</p>")
     return "\n".join(out)
 
 
@@ -446,7 +485,8 @@ def build_report(run_dir: Path, config: PipelineConfig) -> Path:
     sheets = _draw_sheets(src, _plan_sheets(src, summary, config), config.report.contact_sheet_cell, staging)
     captions = _captions(src)
     (staging / "index.html").write_text(
-        _html(run_dir, rows, summary, config, any_reason, figures, concepts, sheets, captions), encoding="utf-8"
+        _html(run_dir, rows, summary, config, any_reason, figures, concepts, sheets, captions,
+              _learned(src.layout)), encoding="utf-8"
     )
     shutil.rmtree(src.layout.report, ignore_errors=True)
     staging.rename(src.layout.report)

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import comb
 from pathlib import Path
@@ -127,20 +128,16 @@ def _table_plan(n: int, max_distance: int) -> int:
     return best
 
 
-def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i < j) of *distinct* 64-bit hashes within ``max_distance`` bits, exactly.
-
-    ``hashes`` must be unique (callers collapse identical hashes first: they are distance 0 and would
-    otherwise fill one bucket in every table)."""
+def _close_pair_chunks(hashes: np.ndarray, max_distance: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pairs (i, j) of *distinct* 64-bit hashes within ``max_distance`` bits, in chunks of at most
+    ``len(hashes)`` pairs (one per lookup table and neighbour step). Every close pair is in some chunk;
+    a pair can be in several (one per table whose blocks it agrees on)."""
     h = hashes.astype(np.int64, copy=False).view(np.uint64)
-    n = len(h)
-    if n < 2 or max_distance == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    blocks = _blocks(_table_plan(n, max_distance))
+    if len(h) < 2 or max_distance == 0:
+        return
+    blocks = _blocks(_table_plan(len(h), max_distance))
     # Each block's bits once, as small integers; a table's key is its blocks' bits side by side.
     block_bits = [((h >> np.uint64(shift)) & np.uint64((1 << width) - 1)) for shift, width in blocks]
-    left: list[np.ndarray] = []
-    right: list[np.ndarray] = []
     for chosen in itertools.combinations(range(len(blocks)), len(blocks) - max_distance):
         key_bits = sum(blocks[b][1] for b in chosen)
         key = block_bits[chosen[0]].copy()
@@ -159,23 +156,63 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndar
                 break
             i, j = order[:-step][same], order[step:][same]
             close = np.bitwise_count(h[i] ^ h[j]) <= max_distance
-            left.append(i[close])
-            right.append(j[close])
-    if not left:
+            if close.any():
+                yield i[close], j[close]
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i < j) of *distinct* 64-bit hashes within ``max_distance`` bits, exactly.
+
+    ``hashes`` must be unique (callers collapse identical hashes first: they are distance 0 and would
+    otherwise fill one bucket in every table). Holds every pair at once: grouping uses
+    ``near_duplicate_groups``, whose memory does not grow with the pairs."""
+    n = len(hashes)
+    chunks = list(_close_pair_chunks(hashes, max_distance))
+    if not chunks:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    i, j = np.concatenate(left), np.concatenate(right)
+    i, j = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     pairs = np.unique(lo.astype(np.int64) * n + hi)  # a pair found by several tables counts once
     return pairs // n, pairs % n
 
 
+def _merge_components(labels: np.ndarray, a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """``labels`` (a component id per hash, ids < len(labels)) after joining the components of each
+    pair (a[k], b[k]) of component ids."""
+    n = len(labels)
+    a_, b_ = np.concatenate(a), np.concatenate(b)
+    graph = coo_matrix((np.ones(len(a_), np.int8), (a_, b_)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    return component[labels]
+
+
 def near_duplicate_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Group label per row (connected components of "within ``max_distance`` bits"); labels are
-    0..k-1. Grouping is transitive: A~B and B~C put A and C in one group even if A and C differ more."""
+    0..k-1. Grouping is transitive: A~B and B~C put A and C in one group even if A and C differ more.
+
+    Memory stays O(rows): each chunk of close pairs is reduced to pairs of components not yet joined,
+    and those are merged whenever they number as many as the hashes. Photos copied thousands of times
+    (memes, crops of one picture) give quadratically many close pairs; holding them all, as
+    ``near_duplicate_pairs`` does, took 5.5 GiB at a million rows of such crops."""
     unique, inverse = np.unique(hashes, return_inverse=True)
-    i, j = near_duplicate_pairs(unique, max_distance)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(unique), len(unique)))
-    _, labels = connected_components(graph, directed=False)
+    labels = np.arange(len(unique))
+    pending_a: list[np.ndarray] = []
+    pending_b: list[np.ndarray] = []
+    pending = 0
+    for i, j in _close_pair_chunks(unique, max_distance):
+        a, b = labels[i], labels[j]
+        apart = a != b
+        if not apart.any():
+            continue
+        pending_a.append(a[apart])
+        pending_b.append(b[apart])
+        pending += int(np.count_nonzero(apart))
+        if pending >= len(unique):
+            labels = _merge_components(labels, pending_a, pending_b)
+            pending_a, pending_b, pending = [], [], 0
+    if pending:
+        labels = _merge_components(labels, pending_a, pending_b)
+    _, labels = np.unique(labels, return_inverse=True)  # 0..k-1
     return labels[inverse.reshape(-1)]
 
 

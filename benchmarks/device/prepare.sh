@@ -8,6 +8,8 @@
 #   run(command="bash benchmarks/device/run.sh ocr", carry=[".device"], timeout_s=300)
 #   benchmarks/device/prepare.sh public-bases # wheels only (~10 MB; issue 11: SD-1.5 full / SDXL LoRA steps)
 #   run(command="bash benchmarks/device/run.sh public-bases", carry=[".device"], timeout_s=560)
+#   benchmarks/device/prepare.sh preference   # wheels only (issue 15: a Diffusion-DPO / SimPO step)
+#   run(command="bash benchmarks/device/run.sh preference", carry=[".device"], timeout_s=300)
 #
 # The GPU image has torch, torchvision, accelerate, transformers, timm, scikit-image, opencv and pyarrow, but
 # not pydantic, open_clip, easyocr, diffusers or peft: their wheels (CPython 3.12, manylinux x86-64, the versions
@@ -15,8 +17,8 @@
 # what a call may carry, so they travel as float16 and run.sh restores float32 files (speed is what the
 # benchmark measures; the restored weights differ from the real ones only in the last bits).
 set -euo pipefail
-PROFILE=${1:?usage: prepare.sh clip-train|ocr|public-bases}
-case "$PROFILE" in clip-train|ocr|public-bases) ;; *) echo "unknown profile $PROFILE" >&2; exit 2 ;; esac
+PROFILE=${1:?usage: prepare.sh clip-train|ocr|public-bases|preference}
+case "$PROFILE" in clip-train|ocr|public-bases|preference) ;; *) echo "unknown profile $PROFILE" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/../.."
 OUT=.device
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
@@ -27,6 +29,7 @@ PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extens
 case "$PROFILE" in
   # model/ (config, objective, bases, lora) and diffusers' UNet/VAE; peft for LoRA (model.lora.attach_lora)
   public-bases) PACKAGES+=(diffusers importlib_metadata lazy-importer peft) ;;
+  preference) PACKAGES+=(diffusers importlib_metadata lazy-importer) ;;  # model/preference.py's step
   ocr) PACKAGES+=(open_clip_torch ftfy wcwidth easyocr python-bidi pyclipper shapely) ;;
   *) PACKAGES+=(open_clip_torch ftfy wcwidth easyocr python-bidi pyclipper shapely diffusers importlib_metadata
                 lazy-importer) ;;

@@ -9,7 +9,7 @@
 #               and on: eager (a row that runs out of memory is rerun with checkpointing), eager with gradient
 #               checkpointing, then torch.compile'd (rows print as they finish; ~540 s in all at most)
 set -uo pipefail
-PROFILE=${1:?usage: run.sh clip-train|ocr|public-bases}
+PROFILE=${1:?usage: run.sh clip-train|ocr|public-bases|preference}
 OUT=${OUT:-/tmp/needles-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl || exit 1
@@ -45,6 +45,13 @@ PY
     # memory without it: ~16 GiB of saved activations a sample, estimated; an OOM would compile it twice)
     timeout 100 python3 $B --compile --cases sd15-full 2>&1 | tee "$OUT/public_bases_compile.log"
     timeout 150 python3 $B --compile --cases sdxl-lora --grad-checkpointing 2>&1 | tee -a "$OUT/public_bases_compile.log"
+    ;;
+  preference)
+    # issue 15: SFT vs Diffusion-DPO vs SimPO steps, without and with the pixel term (mu=2), SD-1.5-size UNet
+    # with RANDOM weights, 512 px, 8 pairs (16 images), bf16: pairs/s, images/s, peak memory per row
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    timeout 150 python3 benchmarks/bench_preference.py --resolution 512 --pairs 8 2>&1 | tee "$OUT/preference.log"
+    timeout 100 python3 benchmarks/bench_preference.py --resolution 512 --pairs 8 --grad-checkpointing 2>&1 | tee "$OUT/preference_ckpt.log"
     ;;
   *) echo "unknown profile $PROFILE" >&2; exit 2 ;;
 esac

@@ -145,6 +145,30 @@ def test_groups_are_transitive_and_identical_hashes_group():
     assert labels[0] == labels[1] == labels[2] == labels[3] != labels[4]
 
 
+def test_groups_of_dense_clusters_equal_the_brute_force_components():
+    """Crops of a few photos: every hash is close to dozens of others, so the close pairs outnumber the
+    hashes many times over and the grouping merges components several times as it goes (its memory
+    bound); the groups still equal the connected components of the brute-force pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(7)
+    centres = rng.integers(-(2**63), 2**63 - 1, size=6, dtype=np.int64)
+    hashes = np.array([flip(centres[k % 6], rng.choice(64, size=rng.integers(0, 4), replace=False)) for k in range(600)]
+                      + list(rng.integers(-(2**63), 2**63 - 1, size=100, dtype=np.int64)), np.int64)
+    unique, inverse = np.unique(hashes, return_inverse=True)
+    pairs = brute_force_pairs(unique, 4)
+    assert len(pairs) > 5 * len(unique)  # dense enough to force several merges
+    i, j = np.array(sorted(pairs)).T
+    _, expected = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(unique),) * 2), directed=False)
+    labels = near_duplicate_groups(hashes, 4)
+    assert labels.max() + 1 == expected.max() + 1  # labels are 0..k-1, as many groups
+    mapping = {}
+    for got, want in zip(labels.tolist(), expected[inverse].tolist()):
+        assert mapping.setdefault(got, want) == want  # the same partition, label for label
+    assert len(set(mapping.values())) == len(mapping)
+
+
 def test_one_representative_per_group_best_by_rank_then_size_then_id():
     a, b = 0x123456789ABCDEF0, 0x7EDCBA9876543210
     t = table(

@@ -1,0 +1,349 @@
+"""Preference tuning (issue 15): Diffusion-DPO or SimPO, with the pixel-space term, on (winner, loser) pairs
+(pixel-space post-training §3.2, eqs. 4-7; the losses are model/preference.py).
+
+    train_preference(checkpoint, pairs, out)   what `make train-pref`, `python -m model train-pref` and
+                                               flows/preference.py call
+
+It starts from a checkpoint: needles' own (its needles_config.yaml gives the model and schedule; the
+``preference`` section comes from it and ``--set preference.*``) or a public SD 1.x/2.x / SDXL base (the
+preset's ``preference`` section, the base's schedule: model/bases.py). The reference of DPO is a frozen copy
+of the starting UNet, or for a LoRA run the same UNet with its adapter switched off. The pairs
+(annotation/preference.py) are cropped to the resolution, encoded once with the frozen autoencoder and held
+in memory; a seeded share of the prompts is held out, and every ``eval_every`` steps the held-out loss,
+preference accuracy (share of pairs whose implicit reward margin -β δ is positive) and mean margin are
+logged with fixed noise. The step with the lowest held-out loss is exported as ``best``.
+
+Output:
+    OUT/best/, OUT/final/   diffusers pipelines (model.pipeline.load_pipeline), or LoRA folders
+    OUT/report.json         β, pairs used per source, history of held-out metrics, why it stopped
+    OUT/tb/                 TensorBoard logs
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from PIL import Image
+
+from model import preference as P
+from model.autoencoder import decode_latents, downsample_factor, encode_latents
+from model.bases import Frozen, base_diffusion, base_family, encode_text, load_base_frozen, load_base_unet, resolve_base
+from model.config import Config, ConfigError, PreferenceConfig, load_config
+from model.data import DataError, crop_with_geometry
+from model.export import export_pipeline
+from model.objective import draw_noise, generator, training_alphas_cumprod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferenceResult:
+    out_dir: Path
+    checkpoint: Path  # best held-out loss (final when nothing was held out)
+    final: Path
+    steps: int
+    stopped: str  # "max_steps" | "nan at step N"
+    beta: float
+    pixel_beta: float | None
+    pairs: dict = field(default_factory=dict)  # train / held out / per feedback source
+    history: list = field(default_factory=list)
+
+
+# --- what it starts from -----------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    cfg: Config
+    frozen: Frozen
+    unet: torch.nn.Module
+    scaling_factor: float
+    source: Path
+
+
+def load_start(checkpoint: str | Path, preset: str | Path | None, overrides: list[str] | None) -> Start:
+    """The config, frozen models and UNet of a needles checkpoint or a public SD/SDXL base."""
+    from model.lora import lora_base
+
+    path = resolve_base(checkpoint)
+    if lora_base(path) is not None:
+        raise ConfigError(f"{path} is a LoRA folder: give its base and set preference.lora to train an adapter")
+    family = base_family(path)
+    scaling = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
+    if family == "needles":
+        from model.bases import NEEDLES_MARKER
+        from model.pipeline import load_pipeline
+
+        cfg = load_config(path / NEEDLES_MARKER, overrides)
+        pipe = load_pipeline(path)
+        frozen = Frozen(pipe.tokenizer, pipe.text_encoder, pipe.vae)
+        for model in (frozen.text_encoder, frozen.vae):
+            model.requires_grad_(False).eval()
+        return Start(cfg, frozen, pipe.unet, scaling, path)
+    frozen = load_base_frozen(path, family)
+    cfg = base_diffusion(load_config(preset or "public-full", overrides), frozen)
+    return Start(cfg, frozen, load_base_unet(path, frozen), scaling, path)
+
+
+# --- the pairs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairLatents:
+    """Scaled latents of every pair's winner and loser (N, C, h, w), its prompt, and SDXL's time_ids."""
+
+    z_w: torch.Tensor
+    z_l: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor
+
+
+@torch.no_grad()
+def encode_pairs(rows: list[dict], frozen: Frozen, resolution: int, scaling: float, device,
+                 batch_size: int = 8) -> PairLatents:
+    """Winner and loser images cropped to resolution² (as training crops: crop_with_geometry) and encoded."""
+    from annotation.preference import LOSER_IMAGE, PROMPT, WINNER_IMAGE
+
+    z = {WINNER_IMAGE: [], LOSER_IMAGE: []}
+    time_ids = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        for column, out in z.items():
+            crops = [crop_with_geometry(Image.open(io.BytesIO(r[column])), (resolution, resolution)) for r in batch]
+            pixels = torch.stack([c[0] for c in crops]).to(device)
+            out.append(encode_latents(frozen.vae, pixels).float().cpu() * scaling)
+            if column == WINNER_IMAGE:  # a pair's two images share one conditioning: the winner's geometry
+                time_ids += [c[1] for c in crops]
+    return PairLatents(torch.cat(z[WINNER_IMAGE]), torch.cat(z[LOSER_IMAGE]), [r[PROMPT] for r in rows],
+                       torch.tensor(time_ids, dtype=torch.float32))
+
+
+def split_pairs(prompt_ids: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices, held out by prompt (a seeded hash), so no held-out prompt is trained on;
+    at least one prompt is held out when val_fraction > 0 and there are two prompts or more."""
+    import hashlib
+
+    def unit(prompt_id: str) -> float:
+        return int(hashlib.sha256(f"{seed}\x1f{prompt_id}".encode()).hexdigest()[:8], 16) / 2**32
+
+    held = {p for p in set(prompt_ids) if unit(p) < val_fraction}
+    if val_fraction and not held and len(set(prompt_ids)) > 1:
+        held = {min(set(prompt_ids), key=unit)}
+    val = [i for i, p in enumerate(prompt_ids) if p in held]
+    return [i for i, p in enumerate(prompt_ids) if p not in held], val
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+class AdapterOff:
+    """DPO's reference in a LoRA run: the same UNet with its adapter switched off, i.e. the base's weights."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def _optimizer(pref: PreferenceConfig, params: list) -> torch.optim.Optimizer:
+    if pref.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=pref.learning_rate, weight_decay=pref.weight_decay)
+    if pref.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ConfigError("preference.optimizer adamw8bit needs bitsandbytes (CUDA only); or use adamw") from error
+        return bnb.optim.AdamW8bit(params, lr=pref.learning_rate, betas=pref.adam_betas, weight_decay=pref.weight_decay)
+    return torch.optim.AdamW(params, lr=pref.learning_rate, betas=pref.adam_betas, weight_decay=pref.weight_decay)
+
+
+class PreferenceRun:
+    """The trained UNet (whole or a LoRA adapter), its frozen reference, optimizer, the encoded pairs, and
+    one step / one held-out evaluation / one export."""
+
+    def __init__(self, start: Start, rows: list[dict], out_dir: Path) -> None:
+        from accelerate import Accelerator
+
+        self.start, self.cfg, self.pref = start, start.cfg, start.cfg.preference
+        self.out_dir = Path(out_dir)
+        self.acc = Accelerator(mixed_precision=self.cfg.mixed_precision, log_with="tensorboard",
+                               project_dir=self.out_dir / "tb", cpu=not torch.cuda.is_available())
+        device = self.acc.device
+        start.frozen.to(device)
+        unet = start.unet
+        self.resolution = self.pref.resolution or unet.config.sample_size * downsample_factor(start.frozen.vae)
+        if self.resolution % downsample_factor(start.frozen.vae):
+            raise ConfigError(f"preference.resolution {self.resolution} is not a multiple of the autoencoder's "
+                              f"downsampling {downsample_factor(start.frozen.vae)}")
+        self.data = encode_pairs(rows, start.frozen, self.resolution, start.scaling_factor, device)
+        from annotation.preference import PROMPT_ID
+
+        self.train_idx, self.val_idx = split_pairs([r[PROMPT_ID] for r in rows], self.pref.val_fraction, self.cfg.seed)
+        if not self.train_idx:
+            raise DataError(f"no pair left to train on: {len(rows)} pairs, all held out (preference.val_fraction)")
+        if self.pref.lora is not None:
+            from model.lora import attach_lora
+
+            attach_lora(unet, self.pref.lora)
+            self.reference = AdapterOff(unet) if self.pref.objective == "dpo" else None
+        else:
+            self.reference = (copy.deepcopy(unet).requires_grad_(False).eval().to(device)
+                              if self.pref.objective == "dpo" else None)
+        if self.pref.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = _optimizer(self.pref, self.params)
+        self.lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=self.pref.warmup_steps)
+        self.unet, self.optimizer = self.acc.prepare(unet, optimizer)
+        self.alphas_bar = training_alphas_cumprod(self.cfg)
+        vae, scale = start.frozen.vae, start.scaling_factor
+        self.decode = lambda z: decode_latents(vae, z / scale)
+        self.beta, self.pixel_beta = self.pref.beta, self.pref.pixel_beta
+        self.acc.init_trackers("preference")
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        device = self.acc.device
+        cond = encode_text(self.start.frozen, [self.data.prompts[i] for i in indices])
+        if self.start.frozen.family == "sdxl":
+            cond["time_ids"] = self.data.time_ids[indices]
+        return (self.data.z_w[indices].to(device), self.data.z_l[indices].to(device),
+                {k: v.to(device) for k, v in cond.items()})
+
+    def calibrate(self, indices: list[int]) -> None:
+        """β (and the pixel term's β) so that |β δ| ≈ 1 on this batch, where not set in the config."""
+        z_w, z_l, cond = self.batch(indices)
+        noise = draw_noise(tuple(z_w.shape), self.cfg, self.pref.noise_offset, generator(self.cfg.seed, 12, -1),
+                               self.alphas_bar)
+        decode = self.decode if self.pref.pixel_loss_weight and self.pixel_beta is None else None
+        with torch.no_grad(), self.acc.autocast():
+            errors = P.pair_errors(self.acc.unwrap_model(self.unet), z_w, z_l, noise, cond, self.cfg, decode)
+        if self.beta is None:
+            self.beta = P.calibrated_beta(errors["w"], errors["l"])
+        if decode is not None:
+            self.pixel_beta = P.calibrated_beta(errors["pixel_w"], errors["pixel_l"])
+        self.pixel_beta = self.pixel_beta or self.beta
+        log.info("preference β = %.4g (pixel term β = %.4g)", self.beta, self.pixel_beta)
+
+    def loss(self, model, indices: list[int], gen: torch.Generator) -> P.PreferenceStep:
+        z_w, z_l, cond = self.batch(indices)
+        noise = draw_noise(tuple(z_w.shape), self.cfg, self.pref.noise_offset, gen, self.alphas_bar)
+        with self.acc.autocast():
+            return P.preference_loss(model, self.reference, z_w, z_l, cond, self.cfg, self.pref.objective, self.beta,
+                                     self.pixel_beta, self.pref.pixel_loss_weight, self.pref.simpo_gamma, noise,
+                                     self.decode)
+
+    def train_step(self, step: int) -> P.PreferenceStep | None:
+        """One optimizer step on a seeded batch of training pairs; None on a non-finite loss."""
+        gen = generator(self.cfg.seed, 11, step)
+        order = torch.randperm(len(self.train_idx), generator=gen)[:self.pref.batch_size].tolist()
+        result = self.loss(self.unet, [self.train_idx[i] for i in order], gen)
+        if not torch.isfinite(result.loss):
+            return None
+        self.acc.backward(result.loss)
+        if self.pref.grad_clip:
+            self.acc.clip_grad_norm_(self.params, self.pref.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss, preference accuracy (margin > 0) and mean reward margin, with fixed noise."""
+        model = self.acc.unwrap_model(self.unet)
+        model.eval()
+        losses, margins, pixel_margins = [], [], []
+        for start in range(0, len(self.val_idx), self.pref.batch_size):
+            indices = self.val_idx[start:start + self.pref.batch_size]
+            result = self.loss(model, indices, generator(self.cfg.seed, 13, start))
+            losses.append(result.loss.item() * len(indices))
+            margins.append(result.margin.float().cpu())
+            if result.pixel_margin is not None:
+                pixel_margins.append(result.pixel_margin.float().cpu())
+        model.train()
+        margin = torch.cat(margins)
+        metrics = {"val_loss": sum(losses) / len(self.val_idx), "val_preference_accuracy": (margin > 0).float().mean().item(),
+                   "val_reward_margin": margin.mean().item()}
+        if pixel_margins:
+            pixel = torch.cat(pixel_margins)
+            metrics |= {"val_pixel_preference_accuracy": (pixel > 0).float().mean().item(),
+                        "val_pixel_reward_margin": pixel.mean().item()}
+        return metrics
+
+    def export(self, name: str) -> Path:
+        model = self.acc.unwrap_model(self.unet)
+        frozen = self.start.frozen
+        if self.pref.lora is not None:
+            from model.lora import export_lora
+
+            return export_lora(self.out_dir / name, model, frozen.family, self.start.source)
+        return export_pipeline(self.out_dir / name, model, frozen, self.cfg, self.start.scaling_factor)
+
+
+def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | Path, preset: str | Path | None = None,
+                     overrides: list[str] | None = None, progress: bool = True) -> PreferenceResult:
+    """Preference-tune ``checkpoint`` on the pairs table ``pairs`` into ``out_dir`` (see the module)."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    from annotation.preference import FEEDBACK_COL, read_pairs
+
+    start = load_start(checkpoint, preset, overrides)
+    pref = start.cfg.preference
+    table = read_pairs(Path(pairs), pref.feedback)
+    rows = table.to_pylist()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start.cfg.save(out_dir / "config.yaml")
+    run = PreferenceRun(start, rows, out_dir)
+    run.calibrate(run.train_idx[:pref.batch_size])
+    history, best_loss, stopped, step = [], None, "max_steps", 0
+    t0 = time.perf_counter()
+    if run.val_idx:
+        history.append({"step": 0, **run.evaluate()})
+        run.acc.log(history[-1], step=0)
+    for step in tqdm(range(pref.max_steps), desc="preference", disable=not progress):
+        result = run.train_step(step)
+        if result is None:
+            stopped = f"nan at step {step}"
+            log.error("non-finite preference loss at step %d: stopping", step)
+            break
+        done = step + 1
+        rate = 2 * pref.batch_size * done / max(time.perf_counter() - t0, 1e-9)  # images (winner + loser) per second
+        run.acc.log({"loss": result.loss.item(), **{f"loss_{k}": v for k, v in result.parts.items()},
+                     "train_preference_accuracy": (result.margin > 0).float().mean().item(),
+                     "train_reward_margin": result.margin.mean().item(), "images_per_s": rate,
+                     "lr": run.lr_scheduler.get_last_lr()[0]}, step=done)
+        if run.val_idx and (done % pref.eval_every == 0 or done == pref.max_steps):
+            history.append({"step": done, **run.evaluate()})
+            run.acc.log(history[-1], step=done)
+            if best_loss is None or history[-1]["val_loss"] < best_loss:
+                best_loss = history[-1]["val_loss"]
+                run.export("best")
+    for tracker in run.acc.trackers:
+        tracker.finish()
+    steps = step + 1 if stopped == "max_steps" else step
+    final = run.export("final")
+    best = out_dir / "best" if (out_dir / "best").is_dir() else final
+    counts = {"train": len(run.train_idx), "held_out": len(run.val_idx),
+              "feedback": dict(Counter(table.column(FEEDBACK_COL).to_pylist()))}
+    result = PreferenceResult(out_dir, best, final, steps, stopped, run.beta, run.pixel_beta, counts, history)
+    (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"objective": pref.objective,
+                                                                      "pixel_loss_weight": pref.pixel_loss_weight},
+                                                    default=str, indent=1))
+    return result
