@@ -74,12 +74,20 @@ def suspended_runs(http: httpx.Client) -> list[dict]:
 
 
 def _with_retry(call, attempts: int = 10, delay_s: float = 1.0) -> httpx.Response:
+    """``call()`` again on a 503 (SQLite busy) or a dropped connection (a keep-alive connection the server
+    closed as the request went out: "Connection reset by peer"); the last attempt's error is raised."""
     for attempt in range(attempts):
-        response = call()
-        if response.status_code != 503:
-            response.raise_for_status()
-            return response
-        log.info("Prefect answered 503 (SQLite busy); retry %d/%d", attempt + 1, attempts)
+        try:
+            response = call()
+        except httpx.TransportError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.info("Prefect request failed (%s: %s); retry %d/%d", type(exc).__name__, exc, attempt + 1, attempts)
+        else:
+            if response.status_code != 503:
+                response.raise_for_status()
+                return response
+            log.info("Prefect answered 503 (SQLite busy); retry %d/%d", attempt + 1, attempts)
         time.sleep(delay_s * (attempt + 1))
     response.raise_for_status()
     return response
