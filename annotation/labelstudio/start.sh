@@ -7,7 +7,8 @@
 #   $LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT as /data/local-files/?d=... (annotation/client.py adds the
 #   local storage connection each project needs for that).
 #
-# Prints "url=..." on success. PID in $LABEL_STUDIO_STATE_DIR/labelstudio.pid, log beside it.
+# Prints "url=..." on success. PID (and the process's start time: annotation/labelstudio/pid.sh) in
+# $LABEL_STUDIO_STATE_DIR/labelstudio.pid, log beside it.
 # Stop with annotation/labelstudio/stop.sh (same environment).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -22,9 +23,11 @@ if [ ! -x "$VENV/bin/label-studio" ]; then
   echo "label-studio is not installed in $VENV; run annotation/labelstudio/install.sh" >&2
   exit 1
 fi
-if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+# shellcheck source=annotation/labelstudio/pid.sh
+. "$ROOT/annotation/labelstudio/pid.sh"
+if RUNNING="$(ls_running_pid "$PIDFILE")"; then
   # started already (by make up, make labelstudio or an earlier call): nothing to do
-  echo "Label Studio already running (pid $(cat "$PIDFILE")); stop it with annotation/labelstudio/stop.sh" >&2
+  echo "Label Studio already running (pid $RUNNING); stop it with annotation/labelstudio/stop.sh" >&2
   echo "url=http://127.0.0.1:$PORT"
   exit 0
 fi
@@ -64,7 +67,7 @@ nohup "$VENV/bin/label-studio" start --no-browser --internal-host 127.0.0.1 --po
   --user-token "$LABEL_STUDIO_USER_TOKEN" --enable-legacy-api-token \
   >>"$LOG" 2>&1 </dev/null &
 PID=$!
-echo "$PID" >"$PIDFILE"
+ls_write_pid "$PID" "$PIDFILE"
 
 # First start runs the migrations (about 45 s on 2 cores); later starts take a few seconds.
 deadline=$((SECONDS + START_TIMEOUT))
