@@ -304,6 +304,8 @@ class PreferenceConfig(_Strict):
     noise_offset: float = 0.0
     val_fraction: float = Field(0.1, ge=0, lt=1)  # held-out pairs for preference accuracy and margin
     eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(250, ge=1)  # OUT/checkpoints/step-N: a rerun on OUT resumes from the newest
+    keep_checkpoints: int = Field(2, ge=1)
     lora: LoraConfig | None = None  # null = the whole UNet trains; else an adapter (the reference = adapter off)
     gradient_checkpointing: bool = False
 

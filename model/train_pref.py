@@ -13,9 +13,16 @@ in memory; a seeded share of the prompts is held out, and every ``eval_every`` s
 preference accuracy (share of pairs whose implicit reward margin -β δ is positive) and mean margin are
 logged with fixed noise. The step with the lowest held-out loss is exported as ``best``.
 
+Every ``checkpoint_every`` steps the trained weights (or the adapter), the optimizer, LR schedule, β and
+the held-out history are checkpointed (model/checkpoints.py: whole or not at all); a rerun on the same OUT
+resumes from the newest one and, every step's batch and noise being seeded by the step, ends where the
+uninterrupted run would have. It refuses to resume on other pairs or another ``preference`` section
+(``max_steps`` aside, so a finished run can be extended).
+
 Output:
     OUT/best/, OUT/final/   diffusers pipelines (model.pipeline.load_pipeline), or LoRA folders
     OUT/report.json         β, pairs used per source, history of held-out metrics, why it stopped
+    OUT/checkpoints/        step-N/ (resume state), latest.json
     OUT/tb/                 TensorBoard logs
 """
 
@@ -35,6 +42,7 @@ from PIL import Image
 
 from model import preference as P
 from model.autoencoder import decode_latents, downsample_factor, encode_latents
+from model.checkpoints import LOOP_STATE, CheckpointError, latest_checkpoint, prune_checkpoints, restore_checkpoint, save_checkpoint
 from model.bases import Frozen, base_diffusion, base_family, encode_text, load_base_frozen, load_base_unet, resolve_base
 from model.config import Config, ConfigError, PreferenceConfig, load_config
 from model.data import DataError, crop_with_geometry
@@ -284,6 +292,26 @@ class PreferenceRun:
                         "val_pixel_reward_margin": pixel.mean().item()}
         return metrics
 
+    def checkpoint(self, ckpt_root: Path, state: dict) -> None:
+        save_checkpoint(ckpt_root, state["step"], self.acc.unwrap_model(self.unet), self.optimizer.optimizer,
+                        self.lr_scheduler, None, state, self.cfg)
+        prune_checkpoints(ckpt_root, self.pref.keep_checkpoints)
+
+    def restore(self, folder: Path, key: dict) -> dict:
+        """The loop's state of checkpoint ``folder``, its weights and optimizer loaded; refused (CheckpointError)
+        when it was written for other pairs or another ``preference`` section (``key``)."""
+        state = json.loads((folder / LOOP_STATE).read_text()) if (folder / LOOP_STATE).is_file() else {}
+        differs = sorted(k for k in key if state.get("key", {}).get(k) != key[k])
+        if differs:
+            raise CheckpointError(f"{folder} was written by a preference run with other {' and '.join(differs)}: "
+                                  f"refusing to resume it; use another output folder, or delete "
+                                  f"{folder.parent} to start over")
+        state = restore_checkpoint(folder, self.acc.unwrap_model(self.unet), self.optimizer.optimizer,
+                                   self.lr_scheduler, None)
+        self.beta, self.pixel_beta = state["beta"], state["pixel_beta"]
+        log.info("resuming preference tuning from step %d (%s)", state["step"], folder)
+        return state
+
     def export(self, name: str) -> Path:
         model = self.acc.unwrap_model(self.unet)
         frozen = self.start.frozen
@@ -292,6 +320,16 @@ class PreferenceRun:
 
             return export_lora(self.out_dir / name, model, frozen.family, self.start.source)
         return export_pipeline(self.out_dir / name, model, frozen, self.cfg, self.start.scaling_factor)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | Path, preset: str | Path | None = None,
@@ -311,20 +349,31 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     start.cfg.save(out_dir / "config.yaml")
     run = PreferenceRun(start, rows, out_dir)
-    run.calibrate(run.train_idx[:pref.batch_size])
-    history, best_loss, stopped, step = [], None, "max_steps", 0
+    ckpt_root = out_dir / "checkpoints"
+    # what a checkpoint must have been written with to be resumed: these pairs, this preference section
+    key = {"pairs": _file_sha256(Path(pairs)), "preference": pref.model_dump(mode="json", exclude={"max_steps"})}
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        state = run.restore(resume, key)
+    else:
+        run.calibrate(run.train_idx[:pref.batch_size])
+        state = {"step": 0, "best_loss": None, "history": [], "key": key}
+        if run.val_idx:
+            state["history"].append({"step": 0, **run.evaluate()})
+            run.acc.log(state["history"][-1], step=0)
+    history, stopped, first = state["history"], "max_steps", state["step"]
+    step = first - 1
     t0 = time.perf_counter()
-    if run.val_idx:
-        history.append({"step": 0, **run.evaluate()})
-        run.acc.log(history[-1], step=0)
-    for step in tqdm(range(pref.max_steps), desc="preference", disable=not progress):
+    for step in tqdm(range(first, pref.max_steps), initial=first, total=pref.max_steps, desc="preference",
+                     disable=not progress):
         result = run.train_step(step)
         if result is None:
             stopped = f"nan at step {step}"
             log.error("non-finite preference loss at step %d: stopping", step)
             break
         done = step + 1
-        rate = 2 * pref.batch_size * done / max(time.perf_counter() - t0, 1e-9)  # images (winner + loser) per second
+        # images (winner + loser) per second in this process
+        rate = 2 * pref.batch_size * (done - first) / max(time.perf_counter() - t0, 1e-9)
         run.acc.log({"loss": result.loss.item(), **{f"loss_{k}": v for k, v in result.parts.items()},
                      "train_preference_accuracy": (result.margin > 0).float().mean().item(),
                      "train_reward_margin": result.margin.mean().item(), "images_per_s": rate,
@@ -332,9 +381,12 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
         if run.val_idx and (done % pref.eval_every == 0 or done == pref.max_steps):
             history.append({"step": done, **run.evaluate()})
             run.acc.log(history[-1], step=done)
-            if best_loss is None or history[-1]["val_loss"] < best_loss:
-                best_loss = history[-1]["val_loss"]
+            if state["best_loss"] is None or history[-1]["val_loss"] < state["best_loss"]:
+                state["best_loss"] = history[-1]["val_loss"]
                 run.export("best")
+        if done % pref.checkpoint_every == 0 or done == pref.max_steps:
+            state["step"] = done
+            run.checkpoint(ckpt_root, state | {"beta": run.beta, "pixel_beta": run.pixel_beta})
     for tracker in run.acc.trackers:
         tracker.finish()
     steps = step + 1 if stopped == "max_steps" else step

@@ -271,3 +271,44 @@ def test_dpo_on_public_bases_full_and_lora(curated_dir, tmp_path, family, overri
         assert pipe.scheduler.config.prediction_type == "v_prediction"
     image = pipe("a fox", num_inference_steps=2, height=64, width=64).images[0]
     assert image.size == (64, 64)
+
+
+def test_an_interrupted_run_resumes_where_the_uninterrupted_one_ends(frozen, curated_dir, tmp_path):
+    """Four DPO steps in one go vs two steps, then the same output folder rerun to four: the same weights
+    and held-out history (every step's batch and noise are seeded by the step; the optimizer, LR schedule and
+    β come from the checkpoint). Other pairs on that folder are refused."""
+    from annotation.preference import judge_pairs
+    from model.checkpoints import CheckpointError
+    from model.train_pref import train_preference
+    from tests.model.conftest import export_tiny_pipeline
+
+    checkpoint = export_tiny_pipeline(tmp_path / "start", frozen)
+    rows = _candidates(curated_dir, tmp_path / "candidates").to_pylist()
+    pairs = judge_pairs(pa.Table.from_pylist([r for r in rows if r["prompt_id"] < "p04"]), tmp_path / "pairs.parquet")
+    common = ["preference.feedback=[ai]", "preference.batch_size=2", "preference.eval_every=1",
+              "preference.checkpoint_every=2", "preference.learning_rate=1e-3"]
+
+    def run(out: Path, steps: int):
+        return train_preference(checkpoint, pairs, out, overrides=[*common, f"preference.max_steps={steps}"],
+                                progress=False)
+
+    whole = run(tmp_path / "whole", 4)
+    first = run(tmp_path / "resumed", 2)
+    assert first.steps == 2 and (tmp_path / "resumed" / "checkpoints" / "step-0000002").is_dir()
+    resumed = run(tmp_path / "resumed", 4)
+    assert resumed.steps == 4 and resumed.beta == whole.beta
+    assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in whole.history], rel=1e-6)
+    from diffusers import UNet2DConditionModel
+
+    w = UNet2DConditionModel.from_pretrained(whole.final / "unet").state_dict()
+    r = UNet2DConditionModel.from_pretrained(resumed.final / "unet").state_dict()
+    assert all(torch.allclose(w[k], r[k], atol=1e-6) for k in w)
+    start = UNet2DConditionModel.from_pretrained(checkpoint / "unet").state_dict()
+    assert not all(torch.equal(start[k], r[k]) for k in start), "the resumed run trained nothing"
+
+    other = judge_pairs(pa.Table.from_pylist([r for r in rows if "p04" <= r["prompt_id"] < "p08"]),
+                        tmp_path / "other.parquet")
+    with pytest.raises(CheckpointError, match="other pairs"):
+        train_preference(checkpoint, other, tmp_path / "resumed", overrides=[*common, "preference.max_steps=6"],
+                         progress=False)
