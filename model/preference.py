@@ -96,11 +96,18 @@ def pair_errors(unet: torch.nn.Module, z_w: torch.Tensor, z_l: torch.Tensor, noi
                 decode: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Per-sample latent errors of winner and loser ({"w", "l"}), and with ``decode`` their pixel-space
     errors (PS eq. 6, {"pixel_w", "pixel_l"}). Winner and loser go through the network as one batch of
-    2B, with the noise repeated: the same t and ε for both."""
+    2B, with the noise repeated: the same t and ε for both. A ``cond`` entry of B rows (the prompt's
+    embeddings) serves both; one of 2B rows (SDXL's time_ids: each image's own size and crop) is the
+    winners' rows, then the losers'."""
     b = z_w.shape[0]
     both = NoiseDraw(*(torch.cat([v, v]) for v in (noise.eps, noise.a, noise.s, noise.time)))
     z = torch.cat([z_w, z_l])
-    out, target, eps_hat = predict(unet, z, both, {k: torch.cat([v, v]) for k, v in cond.items()}, cfg)
+    for key, value in cond.items():
+        if value.shape[0] not in (b, 2 * b):
+            raise ValueError(f"cond[{key!r}] has {value.shape[0]} rows for {b} pairs: give {b} (shared) or {2 * b} "
+                             f"(winners, then losers)")
+    out, target, eps_hat = predict(unet, z, both, {k: v if v.shape[0] == 2 * b else torch.cat([v, v])
+                                                   for k, v in cond.items()}, cfg)
     err = per_sample_error(out, target)
     errors = {"w": err[:b], "l": err[b:]}
     if decode is not None:

@@ -106,12 +106,14 @@ def load_start(checkpoint: str | Path, preset: str | Path | None, overrides: lis
 
 @dataclass
 class PairLatents:
-    """Scaled latents of every pair's winner and loser (N, C, h, w), its prompt, and SDXL's time_ids."""
+    """Scaled latents of every pair's winner and loser (N, C, h, w), its prompt, and SDXL's time_ids of
+    each image (its original size and crop)."""
 
     z_w: torch.Tensor
     z_l: torch.Tensor
     prompts: list[str]
-    time_ids: torch.Tensor
+    time_ids_w: torch.Tensor
+    time_ids_l: torch.Tensor
 
 
 @torch.no_grad()
@@ -121,17 +123,16 @@ def encode_pairs(rows: list[dict], frozen: Frozen, resolution: int, scaling: flo
     from annotation.preference import LOSER_IMAGE, PROMPT, WINNER_IMAGE
 
     z = {WINNER_IMAGE: [], LOSER_IMAGE: []}
-    time_ids = []
+    time_ids = {WINNER_IMAGE: [], LOSER_IMAGE: []}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         for column, out in z.items():
             crops = [crop_with_geometry(Image.open(io.BytesIO(r[column])), (resolution, resolution)) for r in batch]
             pixels = torch.stack([c[0] for c in crops]).to(device)
             out.append(encode_latents(frozen.vae, pixels).float().cpu() * scaling)
-            if column == WINNER_IMAGE:  # a pair's two images share one conditioning: the winner's geometry
-                time_ids += [c[1] for c in crops]
+            time_ids[column] += [c[1] for c in crops]
     return PairLatents(torch.cat(z[WINNER_IMAGE]), torch.cat(z[LOSER_IMAGE]), [r[PROMPT] for r in rows],
-                       torch.tensor(time_ids, dtype=torch.float32))
+                       *(torch.tensor(time_ids[c], dtype=torch.float32) for c in (WINNER_IMAGE, LOSER_IMAGE)))
 
 
 def split_pairs(prompt_ids: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -226,8 +227,8 @@ class PreferenceRun:
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         device = self.acc.device
         cond = encode_text(self.start.frozen, [self.data.prompts[i] for i in indices])
-        if self.start.frozen.family == "sdxl":
-            cond["time_ids"] = self.data.time_ids[indices]
+        if self.start.frozen.family == "sdxl":  # each image its own size and crop: winners' rows, then losers'
+            cond["time_ids"] = torch.cat([self.data.time_ids_w[indices], self.data.time_ids_l[indices]])
         return (self.data.z_w[indices].to(device), self.data.z_l[indices].to(device),
                 {k: v.to(device) for k, v in cond.items()})
 

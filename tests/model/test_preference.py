@@ -131,6 +131,27 @@ def test_pair_errors_match_the_supervised_loss_on_every_schedule(frozen, schedul
     assert errors["w"].mean().item() == pytest.approx(sft.item(), rel=1e-4)
 
 
+def test_per_image_conditioning_reaches_its_own_image(frozen):
+    """A cond entry of 2B rows (SDXL's time_ids: each image's own size and crop) gives the winners the first
+    B rows and the losers the last B, as if each side ran alone with its own rows; B+1 rows is an error."""
+    from model.bases import build_unet
+
+    cfg = tiny()
+    unet = build_unet(cfg, frozen, 32)
+    z_w, z_l = torch.randn(2, 2, 4, 4, 4, generator=torch.Generator().manual_seed(7))
+    text = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(8))
+    noise = draw_noise(tuple(z_w.shape), cfg, 0.0, generator(0, 9), training_alphas_cumprod(cfg))
+    with torch.no_grad():
+        both = P.pair_errors(unet, z_w, z_l, noise, {"text": text}, cfg, None)
+        winners = P.pair_errors(unet, z_w, z_w, noise, {"text": text[:2]}, cfg, None)
+        losers = P.pair_errors(unet, z_l, z_l, noise, {"text": text[2:]}, cfg, None)
+        shared = P.pair_errors(unet, z_w, z_l, noise, {"text": text[:2]}, cfg, None)
+    assert torch.allclose(both["w"], winners["w"], rtol=1e-5) and torch.allclose(both["l"], losers["l"], rtol=1e-5)
+    assert not torch.allclose(both["l"], shared["l"], rtol=1e-5), "the losers' own rows made no difference"
+    with pytest.raises(ValueError, match="3 rows for 2 pairs"):
+        P.pair_errors(unet, z_w, z_l, noise, {"text": text[:3]}, cfg, None)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_identical_winner_and_loser_give_log_two(frozen, objective):
     """Shared t and ε: the same image as winner and loser has equal errors, so the loss is log 2 (and DPO
