@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--checkpoint", required=True, type=Path)
     s.add_argument("--prompt", action="append", required=True)
     s.add_argument("--out", required=True, type=Path, help="PNG path (a grid when several prompts)")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance-scale", type=float, default=5.0)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
+    _add_sampling_args(s)
     s.add_argument("--seed", type=int, default=0)
     _add_evaluation_parsers(sub)
     t = sub.add_parser("train-pref", help="preference tuning (Diffusion-DPO or SimPO, with the pixel-space term) on pairs")
@@ -181,19 +178,28 @@ def _is_main_process() -> bool:
     return process_state().is_main_process
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The sampler's options, the same for `sample` and `generate`."""
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+
+
 def _sample(args: argparse.Namespace) -> int:
     import math
 
     import torch
     from diffusers.utils import make_image_grid
 
-    from model.pipeline import load_pipeline
+    from model.pipeline import guidance_rescale, load_pipeline
 
     pipe = load_pipeline(args.checkpoint)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed)).images
+                  height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed),
+                  guidance_rescale=guidance_rescale(pipe)).images
     cols = math.ceil(math.sqrt(len(images)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=math.ceil(len(images) / cols), cols=cols).save(args.out)
@@ -212,10 +218,7 @@ def _add_evaluation_parsers(sub) -> None:
     g.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt sampling")
     g.add_argument("--seeds", type=int, default=1, help="images per prompt and checkpoint (seeds 0..K-1)")
     g.add_argument("--out", required=True, type=Path, help="RUN/generate")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance-scale", type=float, default=5.0)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
+    _add_sampling_args(g)
     g.add_argument("--batch-size", type=int, default=8)
     j = sub.add_parser("judge", help="automatic judges of RUN/generate's images -> RUN/judges")
     j.add_argument("--run", required=True, type=Path, help="the evaluation run folder (holds generate/)")

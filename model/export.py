@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from model.bases import NEEDLES_MARKER, Frozen
 from model.config import Config
+from model.pipeline import guidance_rescale
 from model.objective import sampling_scheduler
 
 
@@ -82,9 +83,7 @@ def sample_grid(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height
     prompts = prompts or cfg.sample.prompts
     gen = torch.Generator().manual_seed(cfg.sample.seed if seed is None else seed)
     return pipe(prompts, height=height, width=width, num_inference_steps=steps or cfg.sample.num_inference_steps,
-                guidance_scale=cfg.sample.guidance_scale, generator=gen,
-                # zero-SNR models over-expose under CFG without it (ZSNR §3.4)
-                guidance_rescale=0.7 if cfg.diffusion.schedule == "zero_snr" else 0.0).images
+                guidance_scale=cfg.sample.guidance_scale, generator=gen, guidance_rescale=guidance_rescale(pipe)).images
 
 
 def score_selection(unet, frozen: Frozen, cfg: Config, scaling_factor: float, height: int, width: int,

@@ -62,3 +62,14 @@ def weights_folder(path: str | Path) -> Path:
     from model.lora import lora_base
 
     return lora_base(Path(path)) or Path(path)
+
+
+#: guidance rescale of a zero-terminal-SNR schedule: without it such models over-expose under classifier-free
+#: guidance (Lin et al. 2024, §3.4; 0.7 as the paper)
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
+
+
+def guidance_rescale(pipe) -> float:
+    """The ``guidance_rescale`` to sample ``pipe`` with: 0.7 when its scheduler is rescaled to zero terminal
+    SNR, else 0 (training's sample grids, the evaluation's generations and `sample` all use this)."""
+    return ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0

@@ -177,14 +177,12 @@ def _generate_images(path: Path, todo: list[tuple[str, str, int]], out: Path, la
                      batch_size: int) -> None:
     import torch
 
-    from model.pipeline import load_pipeline
+    from model.pipeline import guidance_rescale, load_pipeline
 
     pipe = load_pipeline(path)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
-    # zero-terminal-SNR schedules over-expose under guidance without rescaling (Lin et al. 2024, §3.4);
-    # the same 0.7 as training's sample grids (model/train.py: sample_grid)
-    rescale = 0.7 if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
+    rescale = guidance_rescale(pipe)  # 0.7 on zero-terminal-SNR schedules, as training's sample grids
     (out / IMAGES_DIR / label).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]

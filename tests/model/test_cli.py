@@ -79,3 +79,18 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     data = write_imagefolder(tmp_path / "curated", 4)
     with pytest.raises(bug, match="a bug inside the training stage"):
         main(["train-qt", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "out")])
+
+
+def test_zero_snr_pipelines_sample_with_guidance_rescale():
+    """One rule for training's grids, `sample` and `generate`: 0.7 on a zero-terminal-SNR scheduler, else 0."""
+    from types import SimpleNamespace
+
+    from model.config import load_config
+    from model.objective import sampling_scheduler
+    from model.pipeline import guidance_rescale
+
+    prediction = {"zero_snr": "v_prediction", "scaled_linear": "epsilon", "edm": "epsilon"}
+    rescale = {schedule: guidance_rescale(SimpleNamespace(scheduler=sampling_scheduler(load_config("tiny", [
+        f"diffusion.schedule={schedule}", f"diffusion.prediction_type={prediction[schedule]}"]))))
+        for schedule in prediction}
+    assert rescale == {"zero_snr": 0.7, "scaled_linear": 0.0, "edm": 0.0}
