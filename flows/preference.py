@@ -12,8 +12,9 @@ holds no logic: each step calls model/ or annotation/ with paths.
     RUN/train/               best/, final/, report.json (model/train_pref.py)
     RUN/eval/                the evaluate flow's run: tuned against the starting checkpoint
 
-Unlike curate and evaluate, the round is waited for inside the run (polling Label Studio's counters), so a
-run holds its worker while people vote.
+Like curate and evaluate, a run suspends while people vote (RUN/round/waiting.json, flows/waiting.py): it
+holds no worker, the relay resumes it when every task has its votes, and the re-executed run answers the
+generation and the push from Prefect's cache (a run not started from a deployment polls in-process instead).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.caching import stage_key
 from flows.lock import run_dir_lock
 from flows.params import FlowParams, data_path, flow_parameters, output_dir
+from flows.waiting import WAITING_FILE, done_waiting, wait_for_people
 
 #: the deployment `python -m flows serve` registers for this flow
 DEPLOYMENT = "dpo"
@@ -46,51 +50,124 @@ class PrefParams(FlowParams):
     annotator_mode: Literal["people", "simulated", "ai"] = Field(
         "people", description="people: the Label Studio round; simulated: scripted rankers (demo); ai: the sharpness judge")
     votes_per_task: int = Field(3, ge=1, description="annotators per task of the round")
-    round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long to wait for the round")
+    round_timeout_s: int = Field(7 * 24 * 3600, ge=60, description="how long a suspended round may wait for people")
     overrides: list[str] = Field(default_factory=list, description="preference.* config overrides (key=value)")
     evaluate: bool = Field(True, description="start an evaluate/ab-test run of the tuned checkpoint against the start")
 
 
-def _pairs(params: PrefParams, run: Path, manifest: Path) -> tuple[Path, list[str]]:
+def round_dir(run_dir: str | Path) -> Path:
+    """RUN/round: the preference round's candidates, votes, pairs and (while it is open) waiting.json."""
+    return Path(run_dir) / "round"
+
+
+def pref_campaign(run: Path) -> str:
+    """The Label Studio campaign of a run folder's preference round (one per run folder)."""
+    return f"pref-{hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:10]}"
+
+
+def _round(candidates: int, votes: int):
+    from annotation.preference import PreferenceRound
+
+    return PreferenceRound(candidates=candidates, votes_per_task=votes)
+
+
+def _settings():
+    from annotation.client import LabelStudioSettings
+
+    return LabelStudioSettings.from_env()
+
+
+def _push_key(ctx, p) -> str:
+    work = round_dir(p["run_dir"])
+    config = [p["campaign"], p["candidates"], p["votes"], str(work.resolve())]
+    return stage_key("pref-push", config, [p["manifest"]], (work / "candidates.parquet").is_file())
+
+
+@task(name="pref-push", cache_key_fn=_push_key, persist_result=True, retries=2, retry_delay_seconds=10)
+def push_stage(manifest: str, run_dir: str, campaign: str, candidates: int, votes: int) -> dict:
+    """Candidates (best-and-worst tasks, with gold) -> the Label Studio round."""
+    from annotation.preference import build_candidates, push_preference
+
+    round_ = _round(candidates, votes)
+    build_candidates(Path(manifest).parent, round_dir(run_dir), round_=round_)
+    return push_preference(campaign, round_dir(run_dir), _settings(), round_)
+
+
+@task(name="simulated-rankers", retries=2, retry_delay_seconds=10)
+def simulate_stage(campaign: str, candidates: int, votes: int) -> dict:
+    """DEMO/TEST MODE: scripted rankers who order the candidates by sharpness (annotation/preference.py)."""
+    from annotation.client import LabelStudioClient
+    from annotation.preference import simulate_preference
+
+    with LabelStudioClient(_settings()) as admin:
+        return simulate_preference(admin, campaign, votes, round_=_round(candidates, votes))
+
+
+# never cached: a run that re-executes after a resume must see the round as it is now
+@task(name="pref-status", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def status_stage(campaign: str, candidates: int, votes: int) -> dict:
+    from annotation.preference import preference_status
+
+    return preference_status(campaign, _settings(), _round(candidates, votes)).to_dict()
+
+
+@task(name="pref-pull-and-export", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def pull_stage(run_dir: str, campaign: str, candidates: int, votes: int) -> str:
+    from annotation.preference import export_pairs, pull_preference
+
+    pull_preference(campaign, round_dir(run_dir), _settings(), _round(candidates, votes))
+    return str(export_pairs(round_dir(run_dir), campaign))
+
+
+def _wait_here(campaign: str, candidates: int, votes: int, timeout_s: int) -> None:
+    """A run not started from a deployment: poll Label Studio's counters in this process."""
+    from annotation.preference import preference_status
+
+    deadline = time.monotonic() + timeout_s
+    while not (status := preference_status(campaign, _settings(), _round(candidates, votes))).complete:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"preference round {campaign}: {status.remaining} of {status.tasks} tasks still open")
+        time.sleep(30)
+
+
+def _pairs(params: PrefParams, run: Path, manifest: str) -> tuple[Path, list[str]]:
     """The pairs table and the feedback sources it holds."""
     from annotation import preference as AP
 
     if params.annotator_mode == "ai":
-        return AP.judge_pairs(manifest.parent, run / "round" / "pairs.parquet"), ["ai"]
-    from annotation.client import LabelStudioClient, LabelStudioSettings
-
-    settings = LabelStudioSettings.from_env()
-    round_ = AP.PreferenceRound(candidates=params.candidates, votes_per_task=params.votes_per_task)
-    campaign = f"pref-{hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:10]}"  # one per run folder
-    AP.build_candidates(manifest.parent, run / "round", round_=round_)
-    AP.push_preference(campaign, run / "round", settings, round_)
+        return AP.judge_pairs(Path(manifest).parent, round_dir(run) / "pairs.parquet"), ["ai"]
+    campaign, n, votes = pref_campaign(run), params.candidates, params.votes_per_task
+    push_stage(manifest, str(run), campaign, n, votes)
     if params.annotator_mode == "simulated":
-        with LabelStudioClient(settings) as admin:
-            AP.simulate_preference(admin, campaign, params.votes_per_task, round_=round_)
-    deadline = time.monotonic() + params.round_timeout_s
-    while not (status := AP.preference_status(campaign, settings, round_)).complete:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"preference round {campaign}: {status.remaining} of {status.tasks} tasks still open")
-        time.sleep(30)
-    AP.pull_preference(campaign, run / "round", settings, round_)
-    return AP.export_pairs(run / "round", campaign), ["human"]
+        simulate_stage(campaign, n, votes)
+    status = status_stage(campaign, n, votes)
+    waiting = round_dir(run) / WAITING_FILE
+    if not status["complete"]:
+        wait_for_people(waiting, {"kind": "preference", "round": "preference", "campaign": campaign,
+                                  "candidates": n, "votes": votes},
+                        status.get("tasks"), status["remaining"], params.round_timeout_s,
+                        lambda: _wait_here(campaign, n, votes, params.round_timeout_s))
+    pairs = Path(pull_stage(str(run), campaign, n, votes))
+    done_waiting(waiting)
+    return pairs, ["human"]
 
 
-@flow(name="preference", log_prints=True)
+@flow(name="preference", log_prints=True, persist_result=True)
 @flow_parameters(PrefParams)
 def preference(**values: Any) -> dict:
     """Preference-tune a checkpoint (flows/preference.py: PrefParams)."""
     params = PrefParams.parse(values)
-    from model.evaluation import load_prompts
-    from model.evaluation.generate import generate
+    from flows.evaluate import generate_stage
     from model.train_pref import train_preference
 
     run = output_dir(params.run_dir)  # inside the data root, as every flow's output
     checkpoint = data_path(params.checkpoint)
     with run_dir_lock(run):
-        prompts = load_prompts(params.prompts, n=params.n_prompts)
-        manifest = generate({"current": checkpoint}, prompts, params.candidates, run / "generate", steps=params.steps)
+        # the candidates: `candidates` seeds per prompt of the current checkpoint (cached on its files)
+        manifest = generate_stage({"current": str(checkpoint)}, str(run), params.prompts, params.n_prompts,
+                                  params.candidates, params.steps, 5.0, None)
         pairs, feedback = _pairs(params, run, manifest)
+        # train-pref resumes from RUN/train/checkpoints when a run is re-executed after a crash
         overrides = [f"preference.feedback={feedback}", *params.overrides]
         result = train_preference(checkpoint, pairs, run / "train", overrides=overrides, progress=False)
     create_link_artifact(Path(result.checkpoint).resolve().as_uri(), link_text="preference-tuned pipeline",

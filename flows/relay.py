@@ -50,17 +50,19 @@ def api_client() -> httpx.Client:
 
 
 #: the flows whose runs suspend while people annotate
-WAITING_FLOWS = ["curate", "evaluate"]
+WAITING_FLOWS = ["curate", "evaluate", "preference"]
 
 
 def waiting_files(run_dir: Path) -> list[Path]:
-    """Every waiting.json under a run_dir: a curate run's rounds (RUN/annotation/<round>/) or an evaluate
-    run's A/B rounds (RUN/ab/<comparison>/<criterion>/)."""
+    """Every waiting.json under a run_dir: a curate run's rounds (RUN/annotation/<round>/), an evaluate
+    run's A/B rounds (RUN/ab/<comparison>/<criterion>/) or a preference run's round (RUN/round/)."""
+    from flows.preference import round_dir
     from model.evaluation.layout import EvalLayout
     from pipeline.layout import RunLayout
 
     return [*RunLayout(run_dir).annotation.glob(f"*/{WAITING_FILE}"),
-            *EvalLayout(run_dir).ab.glob(f"*/*/{WAITING_FILE}")]
+            *EvalLayout(run_dir).ab.glob(f"*/*/{WAITING_FILE}"),
+            *round_dir(run_dir).glob(WAITING_FILE)]
 
 
 def suspended_runs(http: httpx.Client) -> list[dict]:
@@ -135,6 +137,11 @@ def round_complete(info: dict) -> tuple[bool, int]:
         from annotation.abtest import ab_status, get_criterion
 
         status = ab_status(get_criterion(info["round"], votes_per_pair=info.get("votes")), info["campaign"], settings)
+    elif info.get("kind") == "preference":
+        from annotation.preference import PreferenceRound, preference_status
+
+        round_ = PreferenceRound(candidates=info["candidates"], votes_per_task=info["votes"])
+        status = preference_status(info["campaign"], settings, round_)
     else:
         from annotation.curation import round_status
         from annotation.rounds import get_round

@@ -2,9 +2,9 @@
 beside the round's files, read by flows/relay.py) and suspends; the relay resumes it when Label Studio says
 the round is complete, and the run re-executes with its finished stages answered from Prefect's cache.
 
-Where the record lies: ``ABLayout(work, criterion).waiting`` for an A/B round (annotation/layout.py), and
+Where the record lies: ``ABLayout(work, criterion).waiting`` for an A/B round (annotation/layout.py),
 ``curation_waiting(work, round)`` = WORK/<round>/waiting.json for a curation round (RoundLayout has no
-property for it yet)."""
+property for it yet), and RUN/round/waiting.json for a preference round (flows/preference.py: round_dir)."""
 
 from __future__ import annotations
 
