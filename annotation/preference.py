@@ -76,16 +76,19 @@ def write_pairs(rows: list[dict], out: Path) -> Path:
     return out
 
 
-def read_pairs(path: Path, feedback: list[str] | tuple[str, ...] = FEEDBACK) -> pa.Table:
+def read_pairs(path: Path, feedback: list[str] | tuple[str, ...] = FEEDBACK, images: bool = True) -> pa.Table:
     """A pairs table, checked: its columns, and only the ``feedback`` sources in it; a pair of another
-    source is an error naming the counts (AI feedback never trains a run that asked for human votes)."""
+    source is an error naming the counts (AI feedback never trains a run that asked for human votes).
+    ``images=False`` leaves the two image columns on disk (a million pairs' images do not fit in memory;
+    model/train_pref.py streams them)."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"no preference pairs at {path} (python -m annotation pref-export, or judge_pairs)")
-    table = pq.read_table(path)
-    missing = [f.name for f in PAIRS_SCHEMA if f.name not in table.column_names]
+    names = pq.read_schema(path).names
+    missing = [f.name for f in PAIRS_SCHEMA if f.name not in names]
     if missing:
         raise AnnotationError(f"{path} is not a preference pairs table: it lacks {missing}")
+    table = pq.read_table(path, columns=None if images else [n for n in names if n not in (WINNER_IMAGE, LOSER_IMAGE)])
     counts = Counter(table.column(FEEDBACK_COL).to_pylist())
     other = {k: v for k, v in counts.items() if k not in feedback}
     if other:

@@ -8,8 +8,8 @@ It starts from a checkpoint: needles' own (its needles_config.yaml gives the mod
 ``preference`` section comes from it and ``--set preference.*``) or a public SD 1.x/2.x / SDXL base (the
 preset's ``preference`` section, the base's schedule: model/bases.py). The reference of DPO is a frozen copy
 of the starting UNet, or for a LoRA run the same UNet with its adapter switched off. The pairs
-(annotation/preference.py) are cropped to the resolution, encoded once with the frozen autoencoder and held
-in memory; a seeded share of the prompts is held out, and every ``eval_every`` steps the held-out loss,
+(annotation/preference.py) are cropped to the resolution, encoded once with the frozen autoencoder into
+memory-mapped arrays (streamed from the Parquet file: a million pairs need disk, not memory); a seeded share of the prompts is held out, and every ``eval_every`` steps the held-out loss,
 preference accuracy (share of pairs whose implicit reward margin -β δ is positive) and mean margin are
 logged with fixed noise. The step with the lowest held-out loss is exported as ``best``.
 
@@ -23,6 +23,7 @@ Output:
     OUT/best/, OUT/final/   diffusers pipelines (model.pipeline.load_pipeline), or LoRA folders
     OUT/report.json         β, pairs used per source, history of held-out metrics, why it stopped
     OUT/checkpoints/        step-N/ (resume state), latest.json
+    OUT/latents/            the pairs' latents, memory-mapped (z_w.npy, z_l.npy; SDXL time_ids t_w.npy, t_l.npy)
     OUT/tb/                 TensorBoard logs
 """
 
@@ -36,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -104,35 +107,68 @@ def load_start(checkpoint: str | Path, preset: str | Path | None, overrides: lis
 # --- the pairs ----------------------------------------------------------------------------------------
 
 
+#: latents are cached as memory-mapped .npy files: (name, image column)
+LATENT_ARRAYS = (("z_w", "winner_image"), ("z_l", "loser_image"))
+
+
 @dataclass
 class PairLatents:
     """Scaled latents of every pair's winner and loser (N, C, h, w), its prompt, and SDXL's time_ids of
-    each image (its original size and crop)."""
+    each image (its original size and crop). The arrays are memory-mapped from OUT/latents/: a step reads
+    only its batch's rows, so the pairs need disk (N x 2 latents), not memory."""
 
-    z_w: torch.Tensor
-    z_l: torch.Tensor
+    z_w: np.ndarray
+    z_l: np.ndarray
     prompts: list[str]
-    time_ids_w: torch.Tensor
-    time_ids_l: torch.Tensor
+    time_ids_w: np.ndarray
+    time_ids_l: np.ndarray
+
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(getattr(self, name)[indices]))
 
 
 @torch.no_grad()
-def encode_pairs(rows: list[dict], frozen: Frozen, resolution: int, scaling: float, device,
-                 batch_size: int = 8) -> PairLatents:
-    """Winner and loser images cropped to resolution² (as training crops: crop_with_geometry) and encoded."""
-    from annotation.preference import LOSER_IMAGE, PROMPT, WINNER_IMAGE
+def encode_pairs(pairs: Path, prompts: list[str], frozen: Frozen, resolution: int, scaling: float, device,
+                 cache: Path, key: str, batch_size: int = 8) -> PairLatents:
+    """Winner and loser images cropped to resolution² (as training crops: crop_with_geometry) and encoded,
+    streamed from the Parquet file ``pairs`` a batch at a time into memory-mapped arrays under ``cache``.
+    ``key`` names what they were encoded from (pairs, autoencoder, resolution): the same key resumes an
+    interrupted encoding at its last finished batch, another one starts over."""
+    from numpy.lib.format import open_memmap
 
-    z = {WINNER_IMAGE: [], LOSER_IMAGE: []}
-    time_ids = {WINNER_IMAGE: [], LOSER_IMAGE: []}
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        for column, out in z.items():
-            crops = [crop_with_geometry(Image.open(io.BytesIO(r[column])), (resolution, resolution)) for r in batch]
-            pixels = torch.stack([c[0] for c in crops]).to(device)
-            out.append(encode_latents(frozen.vae, pixels).float().cpu() * scaling)
-            time_ids[column] += [c[1] for c in crops]
-    return PairLatents(torch.cat(z[WINNER_IMAGE]), torch.cat(z[LOSER_IMAGE]), [r[PROMPT] for r in rows],
-                       *(torch.tensor(time_ids[c], dtype=torch.float32) for c in (WINNER_IMAGE, LOSER_IMAGE)))
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_file = cache / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("key") != key:
+        for old in cache.glob("*.npy"):
+            old.unlink()
+        meta = {"key": key, "done": 0}
+    n, start, arrays = len(prompts), 0, {}
+    source = pq.ParquetFile(pairs)
+    for batch in source.iter_batches(batch_size=batch_size, columns=[column for _, column in LATENT_ARRAYS]):
+        rows = batch.num_rows
+        if start + rows > meta["done"]:
+            for name, column in LATENT_ARRAYS:
+                crops = [crop_with_geometry(Image.open(io.BytesIO(b)), (resolution, resolution))
+                         for b in batch.column(column).to_pylist()]
+                z = encode_latents(frozen.vae, torch.stack([c[0] for c in crops]).to(device)).float().cpu() * scaling
+                for array, value in ((name, z.numpy()), (f"t{name[1:]}", np.array([c[1] for c in crops], np.float32))):
+                    if array not in arrays:
+                        path = cache / f"{array}.npy"
+                        arrays[array] = (open_memmap(path, mode="r+") if path.is_file() else
+                                         open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *value.shape[1:])))
+                    arrays[array][start:start + rows] = value
+            for array in arrays.values():
+                array.flush()
+            meta["done"] = start + rows
+            tmp = meta_file.with_name(".meta.json.tmp")
+            tmp.write_text(json.dumps(meta))
+            tmp.replace(meta_file)  # written after the rows: a crash re-encodes at most one batch
+        start += rows
+    if start != n or meta["done"] != n:
+        raise DataError(f"{pairs}: {start} pairs of images for {n} pairs")
+    z_w, z_l, t_w, t_l = (np.load(cache / f"{a}.npy", mmap_mode="r") for a in ("z_w", "z_l", "t_w", "t_l"))
+    return PairLatents(z_w, z_l, list(prompts), t_w, t_l)
 
 
 def split_pairs(prompt_ids: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -183,7 +219,7 @@ class PreferenceRun:
     """The trained UNet (whole or a LoRA adapter), its frozen reference, optimizer, the encoded pairs, and
     one step / one held-out evaluation / one export."""
 
-    def __init__(self, start: Start, rows: list[dict], out_dir: Path) -> None:
+    def __init__(self, start: Start, rows: list[dict], pairs: Path, out_dir: Path) -> None:
         from accelerate import Accelerator
 
         self.start, self.cfg, self.pref = start, start.cfg, start.cfg.preference
@@ -197,8 +233,12 @@ class PreferenceRun:
         if self.resolution % downsample_factor(start.frozen.vae):
             raise ConfigError(f"preference.resolution {self.resolution} is not a multiple of the autoencoder's "
                               f"downsampling {downsample_factor(start.frozen.vae)}")
-        self.data = encode_pairs(rows, start.frozen, self.resolution, start.scaling_factor, device)
-        from annotation.preference import PROMPT_ID
+        from annotation.preference import PROMPT, PROMPT_ID
+
+        key = json.dumps({"pairs": _file_sha256(pairs), "source": str(Path(start.source).resolve()),
+                          "resolution": self.resolution, "scaling": start.scaling_factor})
+        self.data = encode_pairs(pairs, [r[PROMPT] for r in rows], start.frozen, self.resolution, start.scaling_factor,
+                                 device, self.out_dir / "latents", key)
 
         self.train_idx, self.val_idx = split_pairs([r[PROMPT_ID] for r in rows], self.pref.val_fraction, self.cfg.seed)
         if not self.train_idx:
@@ -228,8 +268,8 @@ class PreferenceRun:
         device = self.acc.device
         cond = encode_text(self.start.frozen, [self.data.prompts[i] for i in indices])
         if self.start.frozen.family == "sdxl":  # each image its own size and crop: winners' rows, then losers'
-            cond["time_ids"] = torch.cat([self.data.time_ids_w[indices], self.data.time_ids_l[indices]])
-        return (self.data.z_w[indices].to(device), self.data.z_l[indices].to(device),
+            cond["time_ids"] = torch.cat([self.data.rows("time_ids_w", indices), self.data.rows("time_ids_l", indices)])
+        return (self.data.rows("z_w", indices).to(device), self.data.rows("z_l", indices).to(device),
                 {k: v.to(device) for k, v in cond.items()})
 
     def calibrate(self, indices: list[int]) -> None:
@@ -344,12 +384,12 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
 
     start = load_start(checkpoint, preset, overrides)
     pref = start.cfg.preference
-    table = read_pairs(Path(pairs), pref.feedback)
+    table = read_pairs(Path(pairs), pref.feedback, images=False)  # the images are streamed (encode_pairs)
     rows = table.to_pylist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start.cfg.save(out_dir / "config.yaml")
-    run = PreferenceRun(start, rows, out_dir)
+    run = PreferenceRun(start, rows, Path(pairs), out_dir)
     ckpt_root = out_dir / "checkpoints"
     # what a checkpoint must have been written with to be resumed: these pairs, this preference section
     key = {"pairs": _file_sha256(Path(pairs)), "preference": pref.model_dump(mode="json", exclude={"max_steps"})}

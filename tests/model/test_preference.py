@@ -333,3 +333,43 @@ def test_an_interrupted_run_resumes_where_the_uninterrupted_one_ends(frozen, cur
     with pytest.raises(CheckpointError, match="other pairs"):
         train_preference(checkpoint, other, tmp_path / "resumed", overrides=[*common, "preference.max_steps=6"],
                          progress=False)
+
+
+def test_pair_latents_are_streamed_to_disk_and_an_interrupted_encoding_resumes(frozen, curated_dir, tmp_path):
+    """The images are read from the Parquet file a batch at a time into memory-mapped arrays; a rerun with the
+    same key encodes only what is missing (rows past the last finished batch), another key starts over."""
+    import numpy as np
+
+    from annotation.preference import PROMPT, judge_pairs
+    from model.train_pref import encode_pairs
+
+    rows = _candidates(curated_dir, tmp_path / "candidates").to_pylist()
+    pairs = judge_pairs(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    prompts = pq.read_table(pairs, columns=[PROMPT]).column(PROMPT).to_pylist()
+    n = len(prompts)
+    assert n >= 6
+
+    def encode(key: str):
+        return encode_pairs(pairs, prompts, frozen, 32, 0.5, torch.device("cpu"), tmp_path / "latents", key,
+                            batch_size=2)
+
+    first = encode("k")
+    assert isinstance(first.z_w, np.memmap) and first.z_w.shape[0] == n and first.time_ids_l.shape == (n, 6)
+    reference = {name: np.array(getattr(first, name)) for name in ("z_w", "z_l", "time_ids_w", "time_ids_l")}
+    assert not np.allclose(reference["z_w"], reference["z_l"])
+    # as if the process died after the second batch: later rows never written
+    del first
+    for name in ("z_w", "z_l"):
+        array = np.load(tmp_path / "latents" / f"{name}.npy", mmap_mode="r+")
+        array[4:] = 0
+        array.flush()
+    (tmp_path / "latents" / "meta.json").write_text(json.dumps({"key": "k", "done": 4}))
+    resumed = encode("k")
+    assert all(np.array_equal(reference[name], np.array(getattr(resumed, name))) for name in reference)
+    assert json.loads((tmp_path / "latents" / "meta.json").read_text())["done"] == n
+    # rows before "done" are trusted, not re-encoded: marking them and resuming keeps the mark
+    array = np.load(tmp_path / "latents" / "z_w.npy", mmap_mode="r+")
+    array[0] = 7.0
+    array.flush()
+    assert float(encode("k").z_w[0].max()) == 7.0
+    assert np.array_equal(np.array(encode("other").z_w), reference["z_w"])  # another key: encoded afresh
