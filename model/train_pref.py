@@ -13,6 +13,11 @@ memory-mapped arrays (streamed from the Parquet file: a million pairs need disk,
 preference accuracy (share of pairs whose implicit reward margin -β δ is positive) and mean margin are
 logged with fixed noise. The step with the lowest held-out loss is exported as ``best``.
 
+Data-parallel under ``accelerate launch`` / torchrun (one process per GPU): each process takes every n-th
+pair of a step's batch and its share of the same noise draw, the gradients are averaged, so n processes
+take the step one process takes on the whole batch; rank 0 alone encodes the pairs and writes checkpoints,
+pipelines and the report.
+
 Every ``checkpoint_every`` steps the trained weights (or the adapter), the optimizer, LR schedule, β and
 the held-out history are checkpointed (model/checkpoints.py: whole or not at all); a rerun on the same OUT
 resumes from the newest one and, every step's batch and noise being seeded by the step, ends where the
@@ -50,7 +55,7 @@ from model.bases import Frozen, base_diffusion, base_family, encode_text, load_b
 from model.config import Config, ConfigError, PreferenceConfig, load_config
 from model.data import DataError, crop_with_geometry
 from model.export import export_pipeline
-from model.objective import draw_noise, generator, training_alphas_cumprod
+from model.objective import NoiseDraw, draw_noise, generator, training_alphas_cumprod
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +229,15 @@ class PreferenceRun:
 
         self.start, self.cfg, self.pref = start, start.cfg, start.cfg.preference
         self.out_dir = Path(out_dir)
+        from model.train import process_state
+
+        ranks = process_state()  # under `accelerate launch` / torchrun: one process per device
         self.acc = Accelerator(mixed_precision=self.cfg.mixed_precision, log_with="tensorboard",
-                               project_dir=self.out_dir / "tb", cpu=not torch.cuda.is_available())
+                               project_dir=self.out_dir / "tb", cpu=ranks.device.type == "cpu")
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if self.pref.batch_size % self.world:
+            raise ConfigError(f"preference.batch_size {self.pref.batch_size} is not a multiple of the {self.world} "
+                              f"processes")
         device = self.acc.device
         start.frozen.to(device)
         unet = start.unet
@@ -237,8 +249,9 @@ class PreferenceRun:
 
         key = json.dumps({"pairs": _file_sha256(pairs), "source": str(Path(start.source).resolve()),
                           "resolution": self.resolution, "scaling": start.scaling_factor})
-        self.data = encode_pairs(pairs, [r[PROMPT] for r in rows], start.frozen, self.resolution, start.scaling_factor,
-                                 device, self.out_dir / "latents", key)
+        with self.acc.main_process_first():  # rank 0 encodes the pairs; the others then map its arrays
+            self.data = encode_pairs(pairs, [r[PROMPT] for r in rows], start.frozen, self.resolution,
+                                     start.scaling_factor, device, self.out_dir / "latents", key)
 
         self.train_idx, self.val_idx = split_pairs([r[PROMPT_ID] for r in rows], self.pref.val_fraction, self.cfg.seed)
         if not self.train_idx:
@@ -287,20 +300,28 @@ class PreferenceRun:
         self.pixel_beta = self.pixel_beta or self.beta
         log.info("preference β = %.4g (pixel term β = %.4g)", self.beta, self.pixel_beta)
 
-    def loss(self, model, indices: list[int], gen: torch.Generator) -> P.PreferenceStep:
-        z_w, z_l, cond = self.batch(indices)
-        noise = draw_noise(tuple(z_w.shape), self.cfg, self.pref.noise_offset, gen, self.alphas_bar)
+    def loss(self, model, indices: list[int], gen: torch.Generator, share: slice = slice(None)) -> P.PreferenceStep:
+        """The loss on ``indices[share]``, with the noise the whole of ``indices`` draws from ``gen``: each process
+        of a data-parallel step takes its share of the pairs and of the same draw."""
+        noise = draw_noise((len(indices), *self.data.z_w.shape[1:]), self.cfg, self.pref.noise_offset, gen,
+                           self.alphas_bar)
+        noise = NoiseDraw(*(v[share] for v in (noise.eps, noise.a, noise.s, noise.time)))
+        z_w, z_l, cond = self.batch(indices[share])
         with self.acc.autocast():
             return P.preference_loss(model, self.reference, z_w, z_l, cond, self.cfg, self.pref.objective, self.beta,
                                      self.pixel_beta, self.pref.pixel_loss_weight, self.pref.simpo_gamma, noise,
                                      self.decode)
 
     def train_step(self, step: int) -> P.PreferenceStep | None:
-        """One optimizer step on a seeded batch of training pairs; None on a non-finite loss."""
+        """One optimizer step on a seeded batch of training pairs; None on a non-finite loss. With n processes
+        each takes every n-th pair of the batch (and its noise) and the gradients are averaged: the same
+        step as one process on the whole batch. The returned margins are every process's."""
         gen = generator(self.cfg.seed, 11, step)
         order = torch.randperm(len(self.train_idx), generator=gen)[:self.pref.batch_size].tolist()
-        result = self.loss(self.unet, [self.train_idx[i] for i in order], gen)
-        if not torch.isfinite(result.loss):
+        result = self.loss(self.unet, [self.train_idx[i] for i in order], gen, slice(self.rank, None, self.world))
+        if self.world > 1:
+            result.margin = self.acc.gather(result.margin)
+        if not torch.isfinite(self.acc.gather(result.loss.detach().reshape(1))).all():
             return None
         self.acc.backward(result.loss)
         if self.pref.grad_clip:
@@ -334,9 +355,12 @@ class PreferenceRun:
         return metrics
 
     def checkpoint(self, ckpt_root: Path, state: dict) -> None:
-        save_checkpoint(ckpt_root, state["step"], self.acc.unwrap_model(self.unet), self.optimizer.optimizer,
-                        self.lr_scheduler, None, state, self.cfg)
-        prune_checkpoints(ckpt_root, self.pref.keep_checkpoints)
+        """Written by the main process; the others wait for it."""
+        if self.acc.is_main_process:
+            save_checkpoint(ckpt_root, state["step"], self.acc.unwrap_model(self.unet), self.optimizer.optimizer,
+                            self.lr_scheduler, None, state, self.cfg)
+            prune_checkpoints(ckpt_root, self.pref.keep_checkpoints)
+        self.acc.wait_for_everyone()
 
     def restore(self, folder: Path, key: dict) -> dict:
         """The loop's state of checkpoint ``folder``, its weights and optimizer loaded; refused (CheckpointError)
@@ -354,13 +378,19 @@ class PreferenceRun:
         return state
 
     def export(self, name: str) -> Path:
+        """OUT/name, written by the main process; the others wait for it."""
         model = self.acc.unwrap_model(self.unet)
         frozen = self.start.frozen
-        if self.pref.lora is not None:
-            from model.lora import export_lora
+        folder = self.out_dir / name
+        if self.acc.is_main_process:
+            if self.pref.lora is not None:
+                from model.lora import export_lora
 
-            return export_lora(self.out_dir / name, model, frozen.family, self.start.source)
-        return export_pipeline(self.out_dir / name, model, frozen, self.cfg, self.start.scaling_factor)
+                folder = export_lora(folder, model, frozen.family, self.start.source)
+            else:
+                folder = export_pipeline(folder, model, frozen, self.cfg, self.start.scaling_factor)
+        self.acc.wait_for_everyone()
+        return folder
 
 
 def _file_sha256(path: Path) -> str:
@@ -388,8 +418,10 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
     rows = table.to_pylist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    start.cfg.save(out_dir / "config.yaml")
     run = PreferenceRun(start, rows, Path(pairs), out_dir)
+    main = run.acc.is_main_process  # the one writer of config, checkpoints, pipelines and report
+    if main:
+        start.cfg.save(out_dir / "config.yaml")
     ckpt_root = out_dir / "checkpoints"
     # what a checkpoint must have been written with to be resumed: these pairs, this preference section
     key = {"pairs": _file_sha256(Path(pairs)), "preference": pref.model_dump(mode="json", exclude={"max_steps"})}
@@ -413,9 +445,11 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
             log.error("non-finite preference loss at step %d: stopping", step)
             break
         done = step + 1
-        # images (winner + loser) per second in this process
+        # images (winner + loser) per second, every process together
         rate = 2 * pref.batch_size * (done - first) / max(time.perf_counter() - t0, 1e-9)
-        run.acc.log({"loss": result.loss.item(), **{f"loss_{k}": v for k, v in result.parts.items()},
+        # loss: the mean over every process's pairs; its parts: the main process's pairs
+        run.acc.log({"loss": run.acc.reduce(result.loss.detach(), "mean").item(),
+                     **{f"loss_{k}": v for k, v in result.parts.items()},
                      "train_preference_accuracy": (result.margin > 0).float().mean().item(),
                      "train_reward_margin": result.margin.mean().item(), "images_per_s": rate,
                      "lr": run.lr_scheduler.get_last_lr()[0]}, step=done)
@@ -436,7 +470,9 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
     counts = {"train": len(run.train_idx), "held_out": len(run.val_idx),
               "feedback": dict(Counter(table.column(FEEDBACK_COL).to_pylist()))}
     result = PreferenceResult(out_dir, best, final, steps, stopped, run.beta, run.pixel_beta, counts, history)
-    (out_dir / "report.json").write_text(json.dumps(asdict(result) | {"objective": pref.objective,
-                                                                      "pixel_loss_weight": pref.pixel_loss_weight},
-                                                    default=str, indent=1))
+    if not main:
+        return result
+    (out_dir / "report.json").write_text(json.dumps(asdict(result) | {
+        "objective": pref.objective, "pixel_loss_weight": pref.pixel_loss_weight, "processes": run.world,
+        "pairs_per_process_per_step": pref.batch_size // run.world}, default=str, indent=1))
     return result
