@@ -72,10 +72,11 @@ train-qt: install
 
 # Preference tuning (Diffusion-DPO / SimPO with the pixel-space term): `make train-pref CHECKPOINT=pipeline
 # PAIRS=pairs.parquet` (pairs from `python -m annotation pref-export`, an A/B round, or an automatic judge);
-# SET="preference.objective=simpo preference.pixel_loss_weight=2 preference.feedback=[ai]" overrides the config
+# SET="preference.objective=simpo preference.pixel_loss_weight=2 preference.feedback=[ai]" overrides the config;
+# GPUS=8 runs it data-parallel (torchrun), as train-qt
 train-pref: install
 	@test -n "$(CHECKPOINT)" -a -n "$(PAIRS)" || { echo "give CHECKPOINT=pipeline-folder PAIRS=pairs.parquet"; exit 2; }
-	$(PY) -m model train-pref --checkpoint $(CHECKPOINT) --pairs $(PAIRS) --out $(DATA)/train-pref $(foreach s,$(SET),--set $(s)) $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET))
+	$(TRAIN_LAUNCH) -m model train-pref --checkpoint $(CHECKPOINT) --pairs $(PAIRS) --out $(DATA)/train-pref $(foreach s,$(SET),--set $(s)) $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET))
 
 # Did quality-tuning help? `make eval BASE=pipeline TUNED=pipeline`: generations of both on the same prompts and
 # seeds, the automatic judges, then human A/B rounds in Label Studio (the run suspends until people have voted;
