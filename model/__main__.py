@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--checkpoint", required=True, help="the starting pipeline folder: needles' own, or an SD 1.x/2.x or "
                                                         "SDXL base (folder or staged hub id)")
     t.add_argument("--pairs", required=True, type=Path, help="a preference pairs Parquet (python -m annotation pref-export)")
-    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--out", required=True, type=Path, help="best/, final/, report.json, checkpoints/ (a rerun on the "
+                                                            "same folder resumes), latents/")
     t.add_argument("--preset", help="for a public base: the preset whose preference section applies (default public-full)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. preference.objective=simpo, preference.pixel_loss_weight=2, preference.feedback=[ai]")
