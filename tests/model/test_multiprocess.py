@@ -30,17 +30,21 @@ def unet_weights(path: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(path / "unet").state_dict()
 
 
-def train_qt(data: Path, out: Path, base: Path, autoencoder: Path, processes: int) -> subprocess.CompletedProcess:
-    args = ["-m", "model", "train-qt", "--preset", "tiny", "--data", str(data), "--out", str(out),
-            "--base", str(base), "--set", f"autoencoder.path={autoencoder}"]
-    for s in QT:
-        args += ["--set", s]
+def launch(args: list[str], overrides: list[str], processes: int) -> subprocess.CompletedProcess:
+    """``python ARGS --set ...`` in one process, or in ``processes`` under torchrun (gloo on the CPU)."""
+    for s in overrides:
+        args = [*args, "--set", s]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+def train_qt(data: Path, out: Path, base: Path, autoencoder: Path, processes: int) -> subprocess.CompletedProcess:
+    return launch(["-m", "model", "train-qt", "--preset", "tiny", "--data", str(data), "--out", str(out),
+                   "--base", str(base), "--set", f"autoencoder.path={autoencoder}"], QT, processes)
 
 
 def test_two_processes_train_the_weights_one_process_trains_with_accumulation(tmp_path):
@@ -97,19 +101,14 @@ def test_two_processes_preference_tune_the_weights_one_process_does(frozen, cura
     pairs = judge_pairs(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
 
     def train_pref(out: Path, processes: int) -> subprocess.CompletedProcess:
-        args = ["-m", "model", "train-pref", "--checkpoint", str(checkpoint), "--pairs", str(pairs), "--out", str(out)]
         # SGD: Adam's first steps divide each gradient by its own size, which turns the last-bit differences of
         # a batch of 4 vs two of 2 (other kernel blocking) into whole-step differences where gradients are ~0
-        for s in ["preference.feedback=[ai]", "preference.max_steps=3", "preference.batch_size=4",
-                  "preference.optimizer=sgd", "preference.learning_rate=0.05", "preference.eval_every=3", "preference.checkpoint_every=2",
-                  "preference.val_fraction=0.2", "preference.pixel_loss_weight=1"]:
-            args += ["--set", s]
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                    if processes > 1 else [sys.executable])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        done = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        return done
+        return launch(["-m", "model", "train-pref", "--checkpoint", str(checkpoint), "--pairs", str(pairs),
+                       "--out", str(out)],
+                      ["preference.feedback=[ai]", "preference.max_steps=3", "preference.batch_size=4",
+                       "preference.optimizer=sgd", "preference.learning_rate=0.05", "preference.eval_every=3",
+                       "preference.checkpoint_every=2", "preference.val_fraction=0.2", "preference.pixel_loss_weight=1"],
+                      processes)
 
     train_pref(tmp_path / "two", 2)
     train_pref(tmp_path / "one", 1)
