@@ -224,7 +224,7 @@ class PreferenceRun:
     """The trained UNet (whole or a LoRA adapter), its frozen reference, optimizer, the encoded pairs, and
     one step / one held-out evaluation / one export."""
 
-    def __init__(self, start: Start, rows: list[dict], pairs: Path, out_dir: Path) -> None:
+    def __init__(self, start: Start, rows: list[dict], pairs: Path, pairs_sha: str, out_dir: Path) -> None:
         from accelerate import Accelerator
 
         self.start, self.cfg, self.pref = start, start.cfg, start.cfg.preference
@@ -247,7 +247,7 @@ class PreferenceRun:
                               f"downsampling {downsample_factor(start.frozen.vae)}")
         from annotation.preference import PROMPT, PROMPT_ID
 
-        key = json.dumps({"pairs": _file_sha256(pairs), "source": str(Path(start.source).resolve()),
+        key = json.dumps({"pairs": pairs_sha, "source": str(Path(start.source).resolve()),
                           "resolution": self.resolution, "scaling": start.scaling_factor})
         with self.acc.main_process_first():  # rank 0 encodes the pairs; the others then map its arrays
             self.data = encode_pairs(pairs, [r[PROMPT] for r in rows], start.frozen, self.resolution,
@@ -396,11 +396,8 @@ class PreferenceRun:
 def _file_sha256(path: Path) -> str:
     import hashlib
 
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | Path, preset: str | Path | None = None,
@@ -418,13 +415,14 @@ def train_preference(checkpoint: str | Path, pairs: str | Path, out_dir: str | P
     rows = table.to_pylist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = PreferenceRun(start, rows, Path(pairs), out_dir)
+    pairs_sha = _file_sha256(Path(pairs))  # read once: the key of the encoded latents and of the checkpoints
+    run = PreferenceRun(start, rows, Path(pairs), pairs_sha, out_dir)
     main = run.acc.is_main_process  # the one writer of config, checkpoints, pipelines and report
     if main:
         start.cfg.save(out_dir / "config.yaml")
     ckpt_root = out_dir / "checkpoints"
     # what a checkpoint must have been written with to be resumed: these pairs, this preference section
-    key = {"pairs": _file_sha256(Path(pairs)), "preference": pref.model_dump(mode="json", exclude={"max_steps"})}
+    key = {"pairs": pairs_sha, "preference": pref.model_dump(mode="json", exclude={"max_steps"})}
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
         state = run.restore(resume, key)
