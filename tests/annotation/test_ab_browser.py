@@ -58,9 +58,12 @@ def test_ab_tasks_render_in_the_browser(labelstudio, tmp_path):
             # two columns' captions may wrap differently, so their tops can differ by a line)
             overlap = min(left_y + left_h, right_y + right_h) - max(left_y, right_y)
             assert right_x >= left_x + left_w and overlap > 0.5 * min(left_h, right_h), f"{name}: not side by side: {images}"
+            choices = ("A", "B", "Both", "Neither") if name == "faithfulness" else ("Left", "Tie", "Right")
+            # the choice buttons may render after the images (this once failed the suite): wait for them
+            page.wait_for_function("choices => choices.every(c => document.body.innerText.includes(c))",
+                                   arg=list(choices), timeout=30_000)
             text = page.inner_text("body")
             assert ("a photo of the" in text) == (name == "faithfulness"), f"{name}: prompt shown wrongly"
-            choices = ("A", "B", "Both", "Neither") if name == "faithfulness" else ("Left", "Tie", "Right")
             assert all(choice in text for choice in choices)
             shot = tmp_path / f"ab-{name}-task.png"
             page.screenshot(path=str(shot), full_page=True)
